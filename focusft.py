@@ -1,0 +1,304 @@
+"""
+FocuSFT: bilevel optimisation for dilution-aware long-context fine-tuning (the method).
+
+One training step on a batch (paper §3, Eq. 2):
+
+  1. build the GLM-style mask once (Eq. 5)                               build_mask
+  2. run the layers BELOW the adapted ones once, with autograd           (shared bottom)
+  3. inner loop (Eq. 3): fresh LoRA fast weights on the FFNs of the top
+     35 % of layers, k = 2 SGD steps (lr 1.0, clipped) on the response
+     loss, gradients via torch.func.grad w.r.t. the fast weights only   init_fast_weights, inner_loop
+  4. outer loss (Eq. 4): the top layers again, with the adapted fast
+     weights as constants (first-order), cross-entropy on the response
+     tokens; its backward reaches the base weights only                  response_loss
+  5. the fast weights are dropped; inference uses the plain model.
+
+`focusft_loss(model, batch, cfg, generator)` does all of it and is the function to port.
+The paper's 2x2 ablation (Table 3) is `FocusConfig.method`:
+
+                     causal mask         bidirectional context
+    no inner loop    "sft"               "sft-bidir"
+    inner loop       "causal-bilevel"    "focusft"
+
+Where we differ from the authors' code (same numbers, less work): the bottom layers run once per
+step instead of once per inner step plus once for the outer pass, logits are computed only at
+supervised positions, and the inner loop keeps no graph to the base weights.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+METHODS = {  # name -> (bilevel, bidirectional)
+    "sft": (False, False),
+    "sft-bidir": (False, True),
+    "causal-bilevel": (True, False),
+    "focusft": (True, True),
+}
+
+
+@dataclass
+class FocusConfig:
+    """The method's settings; defaults are the paper's (Appendix A, Table 5)."""
+    method: str = "focusft"  # one of METHODS
+    inner_steps: int = 2  # k
+    inner_lr: float = 1.0
+    inner_clip: float = 1.0  # max gradient norm of each fast-weight tensor
+    clip_mode: str = "per-tensor"  # "per-tensor" (the authors') or "global" (one norm over all)
+    lora_rank: int = 32
+    lora_alpha: float = 64.0  # fast_scale = alpha / rank = 2
+    layer_fraction: float = 0.35  # adapt layers int(L * (1 - fraction)) .. L-1 (18..27 of 28)
+    targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.clip_mode not in ("per-tensor", "global"):
+            raise ValueError(f"clip_mode must be 'per-tensor' or 'global', not {self.clip_mode!r}")
+        self.targets = tuple(self.targets)
+
+    @property
+    def bilevel(self) -> bool:
+        return METHODS[self.method][0]
+
+    @property
+    def bidirectional(self) -> bool:
+        return METHODS[self.method][1]
+
+    @property
+    def fast_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+
+# -----------------------------------------------------------------------------
+# Eq. 5: the attention mask
+
+
+def visible_up_to(loss_mask: torch.Tensor, attention_mask: torch.Tensor, bidirectional: bool = True):
+    """For every token, the last position it may attend to: (B, S) long.
+
+    Turns are maximal runs of tokens with the same (loss_mask, attention_mask) value. A context
+    token (loss_mask 0) sees up to the end of its own run; a response token (loss_mask 1) sees up
+    to itself. With bidirectional=False every token sees up to itself (causal)."""
+    B, S = loss_mask.shape
+    pos = torch.arange(S, device=loss_mask.device).expand(B, S)
+    if not bidirectional:
+        return pos
+    kind = loss_mask.long() * 2 + attention_mask.long()  # padding is its own kind: runs stop there
+    last_of_run = torch.ones_like(loss_mask, dtype=torch.bool)
+    last_of_run[:, :-1] = kind[:, 1:] != kind[:, :-1]
+    # run_end[i] = the first j >= i that ends a run: a reverse cumulative minimum
+    candidates = torch.where(last_of_run, pos, S - 1)
+    run_end = candidates.flip(-1).cummin(-1).values.flip(-1)
+    return torch.where(loss_mask.bool(), pos, run_end)
+
+
+def build_mask(loss_mask: torch.Tensor, attention_mask: torch.Tensor, bidirectional: bool = True):
+    """Eq. 5, the GLM-style mask of both loops: bool (B, 1, S, S), True = query i may see key j.
+
+    Query i sees key j iff j <= visible_up_to(i) and j is not padding. One row per token, drawn
+    for context c (loss 0), response r (loss 1) and padding p:
+
+        keys ->   c0 c1 c2 r3 r4 c5 c6 r7 p8
+        c0         x  x  x  .  .  .  .  .  .     context run 0-2: bidirectional inside the run
+        c1         x  x  x  .  .  .  .  .  .
+        c2         x  x  x  .  .  .  .  .  .
+        r3         x  x  x  x  .  .  .  .  .     response: causal
+        r4         x  x  x  x  x  .  .  .  .
+        c5         x  x  x  x  x  x  x  .  .     a later context run (tool output, next user turn)
+        c6         x  x  x  x  x  x  x  .  .     sees all earlier runs and its own run
+        r7         x  x  x  x  x  x  x  x  .
+        p8         .  .  .  .  .  .  .  .  x     padding sees only itself (no all-masked SDPA row)
+
+    Nothing ever sees a later run. A sample without response tokens is one bidirectional run.
+    bidirectional=False gives the plain causal mask (with padding blocked the same way)."""
+    valid = attention_mask.bool()
+    S = loss_mask.shape[1]
+    keys = torch.arange(S, device=loss_mask.device)
+    vis = visible_up_to(loss_mask, valid, bidirectional)  # (B, S)
+    mask = (keys[None, None, :] <= vis[:, :, None]) & valid[:, None, :]  # (B, S, S)
+    mask |= ~valid[:, :, None] & (keys[None, :, None] == keys[None, None, :])
+    return mask[:, None]  # (B, 1, S, S): the same for every head
+
+
+# -----------------------------------------------------------------------------
+# Fast weights (the inner loop's parametric memory)
+
+
+def adapted_layers(model, cfg: FocusConfig) -> range:
+    """The top `layer_fraction` of the decoder layers: int(L * (1 - fraction)) .. L-1."""
+    L = model.config.num_hidden_layers
+    return range(int(L * (1 - cfg.layer_fraction)), L)
+
+
+def init_fast_weights(model, cfg: FocusConfig, generator: torch.Generator):
+    """Fresh LoRA factors for every adapted projection: {layer: {name: (A (r, in), B (out, r))}}.
+
+    A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0, so the adapted model starts
+    out equal to the base model. They are plain fp32 tensors (not Parameters): nothing transient can
+    reach a module, a state_dict, an optimizer or a checkpoint. Drawn on the generator's device."""
+    device = model.lm_head.weight.device
+    fast = {}
+    for i in adapted_layers(model, cfg):
+        mlp = model.model.layers[i].mlp
+        fast[i] = {}
+        for name in cfg.targets:
+            proj = getattr(mlp, name)
+            A = torch.empty(cfg.lora_rank, proj.in_features, device=generator.device)
+            torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+            B = torch.zeros(proj.out_features, cfg.lora_rank, device=device)
+            fast[i][name] = (A.to(device), B)
+    return fast
+
+
+# -----------------------------------------------------------------------------
+# Eq. 4 (and the inner objective of Eq. 3): response-token cross-entropy
+
+
+def response_loss(model, h, sel, targets):
+    """Eq. 4: mean next-token cross-entropy over the response tokens of the micro-batch.
+
+    h: top-layer hidden states (B, S, D) before the final norm; sel: (B, S-1) bool, True where
+    position t predicts a supervised token t+1; targets: (N,) those tokens. The final norm and the
+    vocabulary projection run on the N selected positions only: never a (B, S, V) tensor."""
+    h_sel = h[:, :-1][sel]  # (N, D)
+    logits = model.logits(model.model.norm(h_sel))  # (N, V)
+    return F.cross_entropy(logits.float(), targets)
+
+
+# -----------------------------------------------------------------------------
+# Eq. 3: the inner loop
+
+
+def clip_fast_grads(grads, max_norm: float, mode: str):
+    """Clip each fast-weight tensor's gradient to norm <= max_norm on its own (the authors'), or
+    all of them by their global norm. Same formula as torch.nn.utils.clip_grad_norm_."""
+    flat = [g for layer in grads.values() for ab in layer.values() for g in ab]
+    if mode == "global":
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in flat]))
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        return {i: {n: (gA * coef, gB * coef) for n, (gA, gB) in layer.items()} for i, layer in grads.items()}
+
+    def clip(g):
+        return g * (max_norm / (torch.linalg.vector_norm(g) + 1e-6)).clamp(max=1.0)
+
+    return {i: {n: (clip(gA), clip(gB)) for n, (gA, gB) in layer.items()} for i, layer in grads.items()}
+
+
+@contextmanager
+def activation_checkpointing_off(model):
+    # NOTE: torch.func.grad does not support saved-tensor hooks, which is how activation
+    # checkpointing works, so the inner loop keeps the activations of the adapted layers.
+    was = model.gradient_checkpointing
+    model.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing = was
+
+
+def inner_loop(model, h_bottom, rope, mask, sel, targets, fast, cfg: FocusConfig):
+    """Eq. 3: phi <- phi - eta * clip(grad_phi L_inner(theta, phi)), k times.
+
+    L_inner is the response loss of Eq. 4 under the same mask (inner-outer consistency).
+    h_bottom: the output of the layers below the adapted ones, detached (they do not depend on
+    phi). Gradients are taken with torch.func.grad w.r.t. the fast weights only; everything runs
+    under no_grad, so no autograd graph to the base weights is built or kept. A step whose loss is
+    not finite is skipped, without a host sync. Returns (adapted fast weights, (k,) inner losses:
+    the loss before each update)."""
+    layers = adapted_layers(model, cfg)
+
+    def loss_of(fast):
+        h = model.run_layers(h_bottom, rope, mask, layers.start, layers.stop, fast, cfg.fast_scale)
+        return response_loss(model, h, sel, targets)
+
+    grad_and_loss = torch.func.grad_and_value(loss_of)
+    losses = []
+    with torch.no_grad(), activation_checkpointing_off(model):
+        for _ in range(cfg.inner_steps):
+            grads, loss = grad_and_loss(fast)
+            grads = clip_fast_grads(grads, cfg.inner_clip, cfg.clip_mode)
+            ok = torch.isfinite(loss)
+            fast = {i: {n: (torch.where(ok, A - cfg.inner_lr * grads[i][n][0], A),
+                            torch.where(ok, B - cfg.inner_lr * grads[i][n][1], B))
+                        for n, (A, B) in layer.items()}
+                    for i, layer in fast.items()}
+            losses.append(loss)
+    return fast, torch.stack(losses)
+
+
+# -----------------------------------------------------------------------------
+# One training step (the function to port)
+
+
+def supervised_positions(batch):
+    """sel (B, S-1): position t predicts supervised token t+1; targets (N,): those tokens."""
+    sel = batch["loss_mask"][:, 1:] & batch["attention_mask"][:, 1:]
+    return sel, batch["input_ids"][:, 1:][sel]
+
+
+def step_mask(batch, bidirectional: bool):
+    """The mask for both loops, built once per batch. For a causal mask on a right-padded batch
+    `None` is exact (real tokens never look right, padding outputs are never used) and lets SDPA
+    pick its fastest causal kernel (FlashAttention on GPUs)."""
+    am = batch["attention_mask"]
+    right_padded = bool((am[:, :-1] >= am[:, 1:]).all()) and bool(am[:, 0].all())
+    if not bidirectional and right_padded:
+        return None
+    return build_mask(batch["loss_mask"], am, bidirectional)
+
+
+def focusft_loss(model, batch, cfg: FocusConfig, generator: torch.Generator | None = None):
+    """Outer loss of one micro-batch (Eq. 2) and inner-loop stats.
+
+    batch: input_ids (B, S) long, attention_mask (B, S) bool (True = real token), loss_mask (B, S)
+    bool (True = supervised response token). generator: seeds the fast-weight init (bilevel only).
+    Returns (loss, stats); loss.backward() gives the first-order FocuSFT gradient of the base
+    weights. stats: {"inner_losses": (k,) tensor or None, "n_targets": N}.
+
+    NOTE for DDP: call this inside the DistributedDataParallel-wrapped module's forward; DDP only
+    all-reduces gradients of a backward that follows its own forward."""
+    sel, targets = supervised_positions(batch)
+    mask = step_mask(batch, cfg.bidirectional)
+    ids = batch["input_ids"]
+    # cumsum, not arange: correct with left padding too (identical for right padding)
+    position_ids = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    h = model.embed(ids)
+    rope = model.rope(position_ids, h.dtype)
+    stats = {"inner_losses": None, "n_targets": targets.numel()}
+    if not cfg.bilevel:
+        h = model.run_layers(h, rope, mask)
+        return response_loss(model, h, sel, targets), stats
+
+    layers = adapted_layers(model, cfg)
+    h_bottom = model.run_layers(h, rope, mask, 0, layers.start)  # once, with autograd, for both loops
+    fast = init_fast_weights(model, cfg, generator)
+    fast, stats["inner_losses"] = inner_loop(model, h_bottom.detach(), rope, mask, sel, targets, fast, cfg)
+    # First-order: the adapted fast weights are constants here (they carry no graph).
+    h = model.run_layers(h_bottom, rope, mask, layers.start, layers.stop, fast, cfg.fast_scale)
+    return response_loss(model, h, sel, targets), stats
+
+
+def adapt_on_prompt(model, input_ids, attention_mask, cfg: FocusConfig, generator: torch.Generator,
+                    steps: int = 1):
+    """Inference-time adaptation (paper Appendix B.3, Table 8): `steps` inner steps on the prompt
+    itself (next-token loss over all prompt tokens, causal mask), with the run's fast-weight
+    settings. Returns fast weights for model.generate(..., fast_weights=, fast_scale=cfg.fast_scale)."""
+    cfg = replace(cfg, method="causal-bilevel", inner_steps=steps)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask.bool(), "loss_mask": attention_mask.bool()}
+    sel, targets = supervised_positions(batch)
+    mask = step_mask(batch, bidirectional=False)
+    position_ids = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    layers = adapted_layers(model, cfg)
+    with torch.no_grad():
+        h = model.embed(input_ids)
+        rope = model.rope(position_ids, h.dtype)
+        h_bottom = model.run_layers(h, rope, mask, 0, layers.start)
+    fast = init_fast_weights(model, cfg, generator)
+    fast, _ = inner_loop(model, h_bottom, rope, mask, sel, targets, fast, cfg)
+    return fast
