@@ -1,0 +1,726 @@
+"""
+Chat data for FocuSFT: agentic conversations -> token ids, loss masks, segment labels, batches.
+
+Input is the JSONL format TRL and the HF ecosystem use, one conversation per line:
+
+    {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": ...}, ...],
+     "tools": [{"type": "function", "function": {...}}, ...]}            # "tools" is optional
+
+- `content` is a string, or a list of {"type": "text", "text": ...} parts (joined with "").
+- An assistant message may carry `tool_calls`, each {"type": "function", "function": {"name",
+  "arguments"}} (OpenAI shape) or {"name", "arguments"}. `arguments` is a JSON object, or a JSON
+  STRING, which we parse first. NOTE: the Qwen2.5 template itself does not parse it: a string is
+  run through `tojson` again and the model is trained on '"{\\"city\\": \\"Oslo\\"}"', a silent
+  data bug in OpenAI-style data. We render the parsed object, i.e. what the model must emit.
+- Extra keys (e.g. "answer", "name", "tool_call_id") are ignored.
+
+Pipeline, one function per step:
+
+    validate_conversation  JSON object -> normalised messages (DataError names file:line)
+    render_chat            messages -> text, exactly the Qwen2.5 chat template (written by hand,
+                           no jinja), plus the character spans of every segment
+    encode_chat            text -> ids with ONE call to the tokenizer; loss mask and segment labels
+                           come from the encoding's character offsets
+    load_dataset           file -> samples, truncated to max_length, empty ones dropped and counted
+    collate / epoch_batches   samples -> right-padded (B, S) batches, deterministic per (seed, epoch)
+
+Loss mask (the authors' convention): an assistant turn is rendered as
+
+    <|im_start|>assistant\\n  Sure, ... <tool_call>...</tool_call>  <|im_end|>\\n
+    '--- header: context ---'  '------------- supervised: loss_mask = 1 -------------'
+
+Everything else (system, user, tool results, the header itself) has loss_mask = 0. A token is
+supervised iff its first character is. NOTE: with a BPE vocabulary a response that starts with
+"\\n" merges with the header's "\\n" into one token, which therefore stays context (_label_tokens).
+
+Run `python data.py show --data examples/agentic.jsonl --index 0` to see what the model is trained on.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+import torch
+
+# -----------------------------------------------------------------------------
+# Constants
+
+INSTRUCT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+BASE_SYSTEM = "You are a helpful assistant."
+
+# Per-token segment labels, used by eval.py's attention analysis. A token belongs to the segment in
+# which its first character lies; template scaffolding (<|im_start|>user, <|im_end|>\n) belongs to
+# the turn it frames.
+SEG_SYSTEM_USER = 0       # system prompt, tools block, user turns
+SEG_TOOL = 1              # the user turn that wraps <tool_response> blocks
+SEG_ASSISTANT_HEADER = 2  # "<|im_start|>assistant\n" (also the generation prompt)
+SEG_RESPONSE = 3          # what the assistant says or calls, up to and including "<|im_end|>\n"
+SEGMENT_NAMES = ("system/user", "tool", "assistant header", "response")
+
+ROLES = ("system", "user", "assistant", "tool")
+TRUNCATION_POLICIES = ("right", "left", "drop", "error")
+
+# The fixed text of the tools block in the system turn (Qwen2.5 template, verbatim).
+TOOLS_HEAD = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOLS_TAIL = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+)
+
+# The released Qwen2.5-Instruct chat template (tokenizer_config.json, "chat_template"), kept as data:
+# we never execute it, but we write it beside checkpoints so that transformers renders exactly what
+# render_chat renders. The base-model template is the same text with BASE_SYSTEM in both places.
+QWEN25_CHAT_TEMPLATE = r'''{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+'''
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")  # added tokens, but not "special" in Qwen2.5
+BYTE_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + len(TOOL_CALL_TOKENS)  # 261
+
+
+class DataError(Exception):
+    """A problem with the user's data or files. The CLI prints it as `error: ...` (no traceback)."""
+
+
+def _json(x):
+    # The template's `tojson` (transformers overrides jinja's HTML-escaping one): ", " and ": "
+    # separators, key order kept, non-ASCII characters written as is.
+    return json.dumps(x, ensure_ascii=False)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+@dataclass
+class Tokenizer:
+    """A thin wrapper around a `tokenizers.Tokenizer` plus the few facts the template needs."""
+
+    tk: tokenizers.Tokenizer
+    eos_token_id: int   # <|im_end|> for instruct/chat, <|endoftext|> for base
+    pad_token_id: int   # <|endoftext|>
+    default_system: str  # the system prompt the template inserts when the conversation has none
+
+    def encode(self, text: str) -> list[int]:
+        # NOTE: always encode a WHOLE rendered conversation: the pre-tokenizer's split regex merges
+        # across piece boundaries ("user\n" + "\nHi" is 198 198 piecewise, 271 as one string).
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def stop_token_ids(self) -> list[int]:
+        ids = [self.eos_token_id]
+        for t in ("<|im_end|>", "<|endoftext|>"):
+            i = self.tk.token_to_id(t)
+            if i is not None and i not in ids:
+                ids.append(i)
+        return ids
+
+    def files(self) -> dict[str, str]:
+        """tokenizer.json + tokenizer_config.json, loadable by load_tokenizer and by transformers.
+
+        The chat template written is the Qwen2.5 one with this tokenizer's default system prompt,
+        i.e. the template render_chat implements, whatever template the source directory had.
+        """
+        template = QWEN25_CHAT_TEMPLATE.replace(INSTRUCT_SYSTEM, self.default_system)
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",  # load tokenizer.json as is
+            "bos_token": None,
+            "eos_token": self.tk.id_to_token(self.eos_token_id),
+            "pad_token": self.tk.id_to_token(self.pad_token_id),
+            "unk_token": None,
+            "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False,
+            "split_special_tokens": False,
+            "model_max_length": 131072,
+            "chat_template": template,
+        }
+        return {
+            "tokenizer.json": self.tk.to_str(),
+            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+        }
+
+
+def _token_id(tk, token, what, where):
+    if isinstance(token, dict):  # older configs store AddedToken dicts
+        token = token.get("content")
+    i = tk.token_to_id(token) if isinstance(token, str) else None
+    if i is None:
+        raise DataError(f"{where}: {what} {token!r} is not in the vocabulary of tokenizer.json")
+    return i
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """Load tokenizer.json (+ tokenizer_config.json, chat_template.jinja) from a model directory."""
+    path = Path(path)
+    d = path.parent if path.name == "tokenizer.json" else path
+    if not (d / "tokenizer.json").is_file():
+        raise DataError(f"{d}: no tokenizer.json found (expected a model directory containing tokenizer.json)")
+    try:
+        tk = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
+    except Exception as e:  # the Rust side raises plain Exceptions for malformed files
+        raise DataError(f"{d / 'tokenizer.json'}: cannot be loaded ({e})") from None
+    config = {}
+    if (d / "tokenizer_config.json").is_file():
+        try:
+            config = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{d / 'tokenizer_config.json'}: invalid JSON ({e})") from None
+    # transformers >= 4.43 saves the template in its own file; older ones inside tokenizer_config.json
+    template = config.get("chat_template")
+    if (d / "chat_template.jinja").is_file():
+        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    # Both Qwen2.5 variants contain BASE_SYSTEM; only the instruct one says "You are Qwen".
+    if isinstance(template, str) and INSTRUCT_SYSTEM not in template and BASE_SYSTEM in template:
+        default_system = BASE_SYSTEM
+    else:
+        default_system = INSTRUCT_SYSTEM
+    where = str(d / "tokenizer_config.json")
+    has_im_end = tk.token_to_id("<|im_end|>") is not None
+    eos = _token_id(tk, config.get("eos_token") or ("<|im_end|>" if has_im_end else "<|endoftext|>"), "eos_token", where)
+    pad = _token_id(tk, config.get("pad_token") or "<|endoftext|>", "pad_token", where)
+    return Tokenizer(tk=tk, eos_token_id=eos, pad_token_id=pad, default_system=default_system)
+
+
+def _byte_alphabet() -> list[str]:
+    """The byte-level alphabet: byte b is written as one printable character.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (control characters, space, ...)
+    are moved to U+0100 and up, in byte order. Same convention as GPT-2 / Qwen BPE vocabularies,
+    which is what the ByteLevel pre-tokenizer and decoder of `tokenizers` expect.
+    """
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
+    chars, moved = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + moved))
+            moved += 1
+    return chars
+
+
+def byte_tokenizer() -> Tokenizer:
+    """A 261-token tokenizer for the tiny demo model: ids 0..255 are the bytes themselves, then
+    <|endoftext|> <|im_start|> <|im_end|> (special) and <tool_call> </tool_call> (added, not special,
+    as in Qwen2.5). Built in code so the demo needs no download."""
+    vocab = {c: b for b, c in enumerate(_byte_alphabet())}
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))  # no merges: 1 token per byte
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    tk.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tk.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False) for t in TOOL_CALL_TOKENS])
+    assert tk.get_vocab_size() == BYTE_VOCAB_SIZE
+    return Tokenizer(tk=tk, eos_token_id=tk.token_to_id("<|im_end|>"),
+                     pad_token_id=tk.token_to_id("<|endoftext|>"), default_system=INSTRUCT_SYSTEM)
+
+
+# -----------------------------------------------------------------------------
+# Validation: JSON object -> normalised messages {"role", "content": str, "tool_calls": [{"name", "arguments": dict}]}
+
+
+def _type(x) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(x), type(x).__name__)
+
+
+def _content_text(content, where):
+    """A string, or a list of {"type": "text", "text": str} parts joined with "". None stays None."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("text"), str) or part.get("type", "text") != "text":
+                kind = part.get("type") if isinstance(part, dict) else None
+                what = f"has type {kind!r}, only text is supported" if kind not in (None, "text") else \
+                    'must be {"type": "text", "text": <string>}'
+                raise DataError(f"{where}: content part {j} {what}")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise DataError(f"{where}: content must be a string or a list of text parts, got {_type(content)}")
+
+
+def _tool_call(call, where):
+    if not isinstance(call, dict):
+        raise DataError(f"{where}: must be an object, got {_type(call)}")
+    f = call["function"] if "function" in call else call  # OpenAI shape or {name, arguments}
+    if not isinstance(f, dict):
+        raise DataError(f"{where}: 'function' must be an object, got {_type(f)}")
+    name = f.get("name")
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{where}: 'name' must be a non-empty string, got {_type(name)}")
+    if "arguments" not in f:
+        raise DataError(f"{where} ({name}): missing 'arguments'")
+    args = f["arguments"]
+    if isinstance(args, str):  # OpenAI stores arguments as a JSON string: parse it (see module docstring)
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where} ({name}): 'arguments' is a string but not valid JSON ({e.msg})") from None
+    if not isinstance(args, dict):
+        raise DataError(f"{where} ({name}): 'arguments' must be a JSON object (or a string holding one), got {_type(args)}")
+    return {"name": name, "arguments": args}
+
+
+def _normalize_messages(messages, where):
+    if not isinstance(messages, list):
+        raise DataError(f"{where}: 'messages' must be a list, got {_type(messages)}")
+    if not messages:
+        raise DataError(f"{where}: 'messages' is empty")
+    out = []
+    for i, m in enumerate(messages):
+        at = f"{where}: message {i}"
+        if not isinstance(m, dict):
+            raise DataError(f"{at}: must be an object, got {_type(m)}")
+        role = m.get("role")
+        if role not in ROLES:
+            got = f"unknown role {role!r}" if "role" in m else "missing 'role'"
+            raise DataError(f"{at}: {got} (expected one of {', '.join(ROLES)})")
+        at = f"{at} ({role})"
+        content = _content_text(m.get("content"), at)
+        calls = m.get("tool_calls")
+        if calls is None:
+            calls = []
+        if not isinstance(calls, list):
+            raise DataError(f"{at}: 'tool_calls' must be a list, got {_type(calls)}")
+        if calls and role != "assistant":
+            raise DataError(f"{at}: only assistant messages may have 'tool_calls'")
+        calls = [_tool_call(c, f"{at}: tool call {k}") for k, c in enumerate(calls)]
+        if role == "assistant" and not content and not calls:
+            raise DataError(f"{at}: assistant turn has neither content nor tool_calls")
+        if content is None and role != "assistant":
+            raise DataError(f"{at}: missing 'content'" if "content" not in m else f"{at}: content is null")
+        out.append({"role": role, "content": content or "", "tool_calls": calls})
+    return out
+
+
+def _normalize_tools(tools, where):
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{where}: 'tools' must be a list of objects (function schemas)")
+    return tools or None  # [] renders like no tools at all (the template tests `if tools`)
+
+
+def validate_conversation(obj, where: str):
+    """Check one parsed JSONL line; raise DataError("<where>: <what is wrong>") or return the
+    normalised (messages, tools)."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object with a 'messages' list, got {_type(obj)}")
+    if "messages" not in obj:
+        raise DataError(f"{where}: missing 'messages'")
+    return _normalize_messages(obj["messages"], where), _normalize_tools(obj.get("tools"), where)
+
+
+# -----------------------------------------------------------------------------
+# Rendering: the Qwen2.5 chat template, by hand
+
+
+def _render(messages, tools, add_generation_prompt, default_system):
+    """Normalised messages -> (text, pieces); pieces = [(start, end, segment)] tiling the text."""
+    parts, pieces, pos = [], [], 0
+
+    def emit(s, seg):
+        nonlocal pos
+        parts.append(s)
+        pieces.append((pos, pos + len(s), seg))
+        pos += len(s)
+
+    # The system turn always comes first: the conversation's first message if it is a system
+    # message, else the default prompt; with tools, the tools block is appended inside it.
+    system = messages[0]["content"] if messages[0]["role"] == "system" else default_system
+    if tools:
+        emit("<|im_start|>system\n" + system + TOOLS_HEAD + "".join("\n" + _json(t) for t in tools) + TOOLS_TAIL,
+             SEG_SYSTEM_USER)
+    else:
+        emit("<|im_start|>system\n" + system + "<|im_end|>\n", SEG_SYSTEM_USER)
+
+    for i, m in enumerate(messages):
+        role, content = m["role"], m["content"]
+        if role == "system" and i == 0:
+            continue  # already rendered above
+        if role in ("user", "system"):  # a system message later on is a turn of its own
+            emit(f"<|im_start|>{role}\n{content}<|im_end|>\n", SEG_SYSTEM_USER)
+        elif role == "assistant":
+            # "<|im_start|>assistant" + "\n" + content (if any) + "\n<tool_call>..." per call + "<|im_end|>\n".
+            # Without content the first call supplies the "\n", so the header is always the same text.
+            body = content
+            for c in m["tool_calls"]:
+                call = '{"name": "' + c["name"] + '", "arguments": ' + _json(c["arguments"]) + "}"
+                body += ("\n" if body else "") + "<tool_call>\n" + call + "\n</tool_call>"
+            emit("<|im_start|>assistant\n", SEG_ASSISTANT_HEADER)
+            emit(body + "<|im_end|>\n", SEG_RESPONSE)
+        else:  # tool: a run of consecutive tool messages shares one user turn
+            if i == 0 or messages[i - 1]["role"] != "tool":
+                emit("<|im_start|>user", SEG_TOOL)
+            emit("\n<tool_response>\n" + content + "\n</tool_response>", SEG_TOOL)
+            if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
+                emit("<|im_end|>\n", SEG_TOOL)
+
+    if add_generation_prompt:
+        emit("<|im_start|>assistant\n", SEG_ASSISTANT_HEADER)
+    return "".join(parts), pieces
+
+
+def render_chat(messages, tools=None, add_generation_prompt=False, default_system=INSTRUCT_SYSTEM):
+    """Render like the Qwen2.5 chat template (character for character).
+
+    Returns (text, spans): spans are the supervised character spans [start, end), one per
+    assistant turn, from just after "<|im_start|>assistant\\n" to just after "<|im_end|>\\n".
+    """
+    text, pieces = _render(_normalize_messages(messages, "render_chat"), _normalize_tools(tools, "render_chat"),
+                           add_generation_prompt, default_system)
+    return text, [(s, e) for s, e, seg in pieces if seg == SEG_RESPONSE]
+
+
+# -----------------------------------------------------------------------------
+# Encoding: whole text -> ids once; masks from character offsets
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 = supervised target token
+    segments: list[int]   # SEG_* label per token
+
+
+def _label_tokens(offsets, pieces):
+    """Per-token segment = segment of the piece containing the token's first character.
+
+    The only token that can straddle two segments is the header's "\\n" merged with a response
+    that itself starts with newlines ("\\n" + "\\nok" -> "\\n\\n", id 271 in Qwen2.5); special and
+    added tokens (<|im_start|>, <|im_end|>, <tool_call>) cut every other boundary. The straddling
+    token counts as header (context): at inference the header is given, never predicted. So such a
+    response's leading newline is not a target, rather than the model learning to emit header text.
+    """
+    starts = np.fromiter((s for s, _ in offsets), dtype=np.int64, count=len(offsets))
+    piece_starts = np.array([s for s, _, _ in pieces], dtype=np.int64)
+    piece_segs = np.array([g for _, _, g in pieces], dtype=np.int64)
+    segs = piece_segs[np.searchsorted(piece_starts, starts, side="right") - 1]
+    return (segs == SEG_RESPONSE).astype(np.int64).tolist(), segs.tolist()
+
+
+def encode_chat(tokenizer: Tokenizer, messages, tools=None) -> Sample:
+    text, pieces = _render(_normalize_messages(messages, "encode_chat"), _normalize_tools(tools, "encode_chat"),
+                           False, tokenizer.default_system)
+    enc = tokenizer.tk.encode(text, add_special_tokens=False)
+    mask, segs = _label_tokens(enc.offsets, pieces)
+    return Sample(input_ids=enc.ids, loss_mask=mask, segments=segs)
+
+
+def _encode_many(tokenizer, conversations, chunk=256):
+    """[(messages, tools)] (normalised) -> [Sample]; encode_batch runs on all cores (Rust threads)."""
+    samples = []
+    for i in range(0, len(conversations), chunk):  # chunked: Encoding objects are large
+        rendered = [_render(m, t, False, tokenizer.default_system) for m, t in conversations[i:i + chunk]]
+        encs = tokenizer.tk.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+        for enc, (_, pieces) in zip(encs, rendered):
+            mask, segs = _label_tokens(enc.offsets, pieces)
+            samples.append(Sample(input_ids=enc.ids, loss_mask=mask, segments=segs))
+    return samples
+
+
+# -----------------------------------------------------------------------------
+# Loading a JSONL file
+
+
+def _read_conversations(path):
+    """-> [(where, messages, tools)], every line validated. Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    out = []
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        out.append((where, *validate_conversation(obj, where)))
+    if not out:
+        raise DataError(f"{path}: file is empty (expected one JSON conversation per line)")
+    return out
+
+
+def _truncate(sample, where, max_length, policy):
+    """-> (sample or None, truncated?). `left` keeps the end of the conversation (the last answers)."""
+    n = len(sample.input_ids)
+    if n <= max_length:
+        return sample, False
+    if policy == "error":
+        raise DataError(f"{where}: {n} tokens is longer than max_length={max_length} "
+                        f"(raise --max-length or choose truncation right, left or drop)")
+    if policy == "drop":
+        return None, False
+    cut = slice(0, max_length) if policy == "right" else slice(n - max_length, n)
+    s = Sample(sample.input_ids[cut], sample.loss_mask[cut], sample.segments[cut])
+    s.loss_mask[0] = 0  # token 0 is never a target (nothing before it predicts it)
+    return s, True
+
+
+def _build(convs, tokenizer, max_length, truncation):
+    """-> (kept samples, stats dict)."""
+    if truncation not in TRUNCATION_POLICIES:
+        raise DataError(f"unknown truncation policy {truncation!r} (expected one of {', '.join(TRUNCATION_POLICIES)})")
+    if max_length < 2:
+        raise DataError(f"max_length must be at least 2, got {max_length}")
+    kept, n_trunc, n_long, n_empty = [], 0, 0, 0
+    for (where, _, _), sample in zip(convs, _encode_many(tokenizer, [(m, t) for _, m, t in convs])):
+        sample, truncated = _truncate(sample, where, max_length, truncation)
+        if sample is None:
+            n_long += 1
+        elif sum(sample.loss_mask) == 0:  # never train on a sample without a target
+            n_empty += 1
+        else:
+            kept.append(sample)
+            n_trunc += truncated
+    lengths = [len(s.input_ids) for s in kept]
+    stats = dict(conversations=len(convs), kept=len(kept), truncated=n_trunc, dropped=n_long + n_empty,
+                 dropped_too_long=n_long, dropped_no_target=n_empty, tokens=sum(lengths),
+                 supervised=sum(sum(s.loss_mask) for s in kept), lengths=lengths)
+    return kept, stats
+
+
+def _summary(name, st):
+    lengths = st["lengths"]
+    line = (f"data {name}: {st['conversations']} conversations | kept {st['kept']} "
+            f"(truncated {st['truncated']}) | dropped {st['dropped']} ({st['dropped_too_long']} too long, "
+            f"{st['dropped_no_target']} without supervised tokens)")
+    if lengths:
+        line += (f" | tokens {st['tokens']:,}, supervised {st['supervised']:,} "
+                 f"({100 * st['supervised'] / st['tokens']:.1f}%) | length mean {statistics.fmean(lengths):.0f} "
+                 f"median {statistics.median(lengths):.0f} max {max(lengths)}")
+    return line
+
+
+def load_dataset(path, tokenizer: Tokenizer, max_length=4096, truncation="right", log=print) -> list[Sample]:
+    """Read, validate, render, encode and truncate a JSONL file; log one summary line.
+
+    truncation: right (keep the start) | left (keep the end) | drop (skip long samples) | error.
+    A sample left without any supervised token is dropped and counted, never trained on.
+    """
+    convs = _read_conversations(path)
+    samples, st = _build(convs, tokenizer, max_length, truncation)
+    log(_summary(Path(path).name, st))
+    if not samples:
+        raise DataError(f"{path}: no supervised token in any conversation (need assistant turns within "
+                        f"max_length={max_length}): nothing to train on")
+    return samples
+
+
+# -----------------------------------------------------------------------------
+# Batching
+
+
+class ChatDataset(torch.utils.data.Dataset):
+    """Samples as a map-style dataset, so torch's samplers (DistributedSampler) apply."""
+
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+        self.lengths = [len(s.input_ids) for s in samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i) -> Sample:
+        return self.samples[i]
+
+
+def collate(samples: list[Sample], pad_id: int) -> dict:
+    """Right-pad to the longest sample of THIS batch (not to max_length: no wasted compute)."""
+    B, S = len(samples), max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((B, S), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, S, dtype=torch.bool)
+    loss_mask = torch.zeros(B, S, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = len(s.input_ids)
+        input_ids[i, :n] = torch.tensor(s.input_ids, dtype=torch.long)
+        attention_mask[i, :n] = True
+        loss_mask[i, :n] = torch.tensor(s.loss_mask, dtype=torch.bool)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def epoch_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, group_by_length=False) -> list[list[int]]:
+    """This rank's batches of sample indices for one epoch; a pure function of its arguments, so a
+    resumed run rebuilds the same list and skips the batches already done.
+
+    The index order is the one of torch's DistributedSampler(shuffle=True, seed, drop_last=False)
+    after set_epoch(epoch): one permutation of all samples seeded with seed + epoch, padded by
+    wrapping around to a multiple of world_size, then every world_size-th index from `rank`.
+    Every rank thus gets the same number of batches (a rank running out early would hang DDP).
+
+    group_by_length: within blocks of 64 batches, sort this rank's indices by length so each batch
+    holds similar lengths (less padding), then shuffle the batch order. The shuffle does not depend
+    on the rank, so all ranks tend to process similarly long batches at the same step.
+    """
+    n = len(lengths)
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    total = math.ceil(n / world_size) * world_size
+    while len(order) < total:  # wrap around (more than once if world_size > n)
+        order += order[: total - len(order)]
+    mine = order[rank:total:world_size]
+    if group_by_length:
+        block = 64 * batch_size
+        mine = [j for b in range(0, len(mine), block)
+                for j in sorted(mine[b:b + block], key=lambda j: -lengths[j])]
+    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    if group_by_length:
+        g.manual_seed(seed + epoch + 1_000_003)
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+# -----------------------------------------------------------------------------
+# CLI: show what the model sees, and dataset statistics
+
+
+def _cli_tokenizer(path):
+    return load_tokenizer(path) if path else byte_tokenizer()
+
+
+def show(data, index, tokenizer):
+    convs = _read_conversations(data)
+    if not 0 <= index < len(convs):
+        raise DataError(f"{data}: --index {index} out of range (the file has {len(convs)} conversations, 0-based)")
+    where, messages, tools = convs[index]
+    text, pieces = _render(messages, tools, False, tokenizer.default_system)
+    enc = tokenizer.tk.encode(text, add_special_tokens=False)
+    mask, _ = _label_tokens(enc.offsets, pieces)
+    # Character-level supervision from the tokens, so a token straddling a boundary shows as it is trained.
+    sup = [0] * len(text)
+    for (s, e), m in zip(enc.offsets, mask):
+        sup[s:e] = [m] * (e - s)
+    color = sys.stdout.isatty()
+    on, off = ("\033[32m", "\033[0m") if color else ("⟦", "⟧")
+    out, i = [], 0
+    while i < len(text):
+        j = i
+        while j < len(text) and sup[j] == sup[i]:
+            j += 1
+        out.append(on + text[i:j] + off if sup[i] else text[i:j])
+        i = j
+    print(f"{where}: {len(enc.ids)} tokens, {sum(mask)} supervised "
+          f"({'green' if color else 'between ⟦ ⟧'}), {len(messages)} messages")
+    print("".join(out), end="" if text.endswith("\n") else "\n")
+
+
+def stats(data, tokenizer, max_length, truncation):
+    convs = _read_conversations(data)
+    samples, st = _build(convs, tokenizer, max_length, truncation)
+    print(_summary(Path(data).name, st))
+    roles = {r: sum(m["role"] == r for _, ms, _ in convs for m in ms) for r in ROLES}
+    calls = sum(len(m["tool_calls"]) for _, ms, _ in convs for m in ms)
+    print("messages: " + ", ".join(f"{r} {c}" for r, c in roles.items()) + f" | tool calls {calls} | "
+          f"with tools block {sum(t is not None for _, _, t in convs)}")
+    if samples:
+        seg_counts = np.bincount(np.concatenate([np.asarray(s.segments) for s in samples]), minlength=len(SEGMENT_NAMES))
+        print("tokens by segment: " + ", ".join(f"{n} {c:,}" for n, c in zip(SEGMENT_NAMES, seg_counts.tolist())))
+        q = np.percentile(st["lengths"], [0, 10, 50, 90, 99, 100])
+        print("length percentiles: " + ", ".join(f"p{p} {v:.0f}" for p, v in zip((0, 10, 50, 90, 99, 100), q)))
+        sup = [sum(s.loss_mask) for s in samples]
+        print(f"supervised tokens per sample: mean {statistics.fmean(sup):.1f}, min {min(sup)}, max {max(sup)}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Inspect chat data as the model sees it.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ps = sub.add_parser("show", help="print one conversation with the supervised tokens highlighted")
+    ps.add_argument("--data", required=True, help="JSONL file")
+    ps.add_argument("--index", type=int, default=0, help="conversation index (0-based, blank lines skipped)")
+    ps.add_argument("--tokenizer", default=None, help="model directory with tokenizer.json (default: byte tokenizer)")
+    pt = sub.add_parser("stats", help="counts and token lengths")
+    pt.add_argument("--data", required=True, help="JSONL file")
+    pt.add_argument("--tokenizer", default=None, help="model directory with tokenizer.json (default: byte tokenizer)")
+    pt.add_argument("--max-length", type=int, default=4096)
+    pt.add_argument("--truncation", default="right", choices=TRUNCATION_POLICIES)
+    args = p.parse_args(argv)
+    try:
+        tok = _cli_tokenizer(args.tokenizer)
+        if args.cmd == "show":
+            show(args.data, args.index, tok)
+        else:
+            stats(args.data, tok, args.max_length, args.truncation)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except BrokenPipeError:  # `python data.py show ... | head`
+        sys.stderr.close()
+
+
+if __name__ == "__main__":
+    main()

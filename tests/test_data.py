@@ -1,0 +1,549 @@
+"""Tests for data.py: rendering vs transformers' apply_chat_template with the real Qwen2.5 template,
+token ids vs the real tokenizer, loss masks, bad input, truncation, batching."""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+QWEN_DIR = SHARED / "qwen2.5-tokenizer"
+needs_shared = pytest.mark.skipif(not (QWEN_DIR / "tokenizer.json").is_file(),
+                                  reason=f"real Qwen2.5 tokenizer not found at {QWEN_DIR} (../shared is absent)")
+
+# -----------------------------------------------------------------------------
+# A varied set of conversations
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city — °C.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+SEARCH = {"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {}}}}
+
+CASES = {
+    "plain": ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], None),
+    "system_first": ([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"},
+                      {"role": "assistant", "content": "6"}], None),
+    "system_not_first": ([{"role": "user", "content": "a"}, {"role": "system", "content": "New rule: shout."},
+                          {"role": "assistant", "content": "OK!"}], None),
+    "tools_two_calls_one_turn": ([
+        {"role": "system", "content": "You are a weather bot."},
+        {"role": "user", "content": "Weather in Oslo and Lima?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Lima"}}}]},
+        {"role": "tool", "content": "Oslo: 3°C"}, {"role": "tool", "content": "Lima: 19°C"},
+        {"role": "assistant", "content": "Oslo 3°C, Lima 19°C."}], [WEATHER, SEARCH]),
+    "content_plus_calls_default_system": ([
+        {"role": "user", "content": "Search it"},
+        {"role": "assistant", "content": "Sure, searching.", "tool_calls": [{"name": "search", "arguments": {}}]},
+        {"role": "tool", "content": "[]"}, {"role": "assistant", "content": "Nothing found."}], [SEARCH]),
+    "string_arguments": ([
+        {"role": "user", "content": "Weather in Zürich?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Zürich", "n": [1, 2.5, null]}'}}]},
+        {"role": "tool", "content": "{\"temp\": -2}"}, {"role": "assistant", "content": "It is -2 °C."}], [WEATHER]),
+    "unicode": ([{"role": "user", "content": "日本語で答えて 🙂 — naïve café\u0301"},
+                 {"role": "assistant", "content": "はい、わかりました。 🎉\n\n  indented\tline"}], None),
+    "consecutive_tools_sequential": ([
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "tool_calls": [{"name": "search", "arguments": {"q": "a"}}]},
+        {"role": "tool", "content": "r1"}, {"role": "tool", "content": "r2"}, {"role": "tool", "content": "r3"},
+        {"role": "assistant", "content": None, "tool_calls": [{"name": "search", "arguments": {"q": "b"}}]},
+        {"role": "tool", "content": "r4"},
+        {"role": "assistant", "content": "done"}], [SEARCH]),
+    "response_starts_with_newline": ([{"role": "user", "content": "hi"},
+                                      {"role": "assistant", "content": "\n\nok"}], None),
+    "prompt_ends_with_tool": ([
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": None, "tool_calls": [{"name": "search", "arguments": {}}]},
+        {"role": "tool", "content": "result"}], [SEARCH]),
+    "tool_first_and_empty_tools": ([{"role": "tool", "content": "orphan"}, {"role": "user", "content": "?"},
+                                    {"role": "assistant", "content": "!"}], []),
+}
+
+
+def plain_messages(messages):
+    """What the jinja template expects: string content, arguments as objects (an independent rewrite)."""
+    out = copy.deepcopy(messages)
+    for m in out:
+        if isinstance(m.get("content"), list):
+            m["content"] = "".join(p["text"] for p in m["content"])
+        for c in m.get("tool_calls") or []:
+            f = c.get("function", c)
+            if isinstance(f["arguments"], str):
+                f["arguments"] = json.loads(f["arguments"])
+    return out
+
+
+def supervised_by_offsets(text, offsets, spans):
+    """Brute-force reference for the loss mask: a token is supervised iff its first character lies in a span."""
+    return [int(any(s <= start < e for s, e in spans)) for start, _ in offsets]
+
+
+# -----------------------------------------------------------------------------
+# Oracles: transformers + the real Qwen2.5 tokenizer
+
+
+@pytest.fixture(scope="module")
+def hf_tok():
+    transformers = pytest.importorskip("transformers", reason="transformers is the oracle for the chat template")
+    if not (QWEN_DIR / "tokenizer.json").is_file():
+        pytest.skip(f"real Qwen2.5 tokenizer not found at {QWEN_DIR} (../shared is absent)")
+    return transformers.AutoTokenizer.from_pretrained(str(QWEN_DIR))
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    if not (QWEN_DIR / "tokenizer.json").is_file():
+        pytest.skip(f"real Qwen2.5 tokenizer not found at {QWEN_DIR} (../shared is absent)")
+    return data.load_tokenizer(QWEN_DIR)
+
+
+@needs_shared
+def test_template_constant_is_the_released_one():
+    config = json.loads((QWEN_DIR / "tokenizer_config.json").read_text())
+    assert data.QWEN25_CHAT_TEMPLATE == config["chat_template"]
+
+
+@pytest.mark.parametrize("gen", [False, True])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_render_matches_apply_chat_template(hf_tok, name, gen):
+    messages, tools = CASES[name]
+    ref = hf_tok.apply_chat_template(plain_messages(messages), tools=tools, tokenize=False, add_generation_prompt=gen)
+    text, spans = data.render_chat(messages, tools, add_generation_prompt=gen)
+    assert text == ref
+    # Every span is one assistant turn's body: it follows a header and ends with "<|im_end|>\n".
+    assert len(spans) == sum(m["role"] == "assistant" for m in messages)
+    for s, e in spans:
+        assert text[:s].endswith("<|im_start|>assistant\n") and text[s:e].endswith("<|im_end|>\n")
+        assert "<|im_start|>" not in text[s:e]
+
+
+def test_base_template_default_system(hf_tok):
+    base = data.QWEN25_CHAT_TEMPLATE.replace(data.INSTRUCT_SYSTEM, data.BASE_SYSTEM)
+    assert base.count(data.BASE_SYSTEM) == 2 and "Qwen" not in base
+    for name in ("plain", "content_plus_calls_default_system"):
+        messages, tools = CASES[name]
+        ref = hf_tok.apply_chat_template(plain_messages(messages), tools=tools, tokenize=False, chat_template=base)
+        text, _ = data.render_chat(messages, tools, default_system=data.BASE_SYSTEM)
+        assert text == ref and data.INSTRUCT_SYSTEM not in text
+
+
+def test_string_arguments_are_parsed_not_double_encoded(hf_tok):
+    messages, tools = CASES["string_arguments"]
+    text, _ = data.render_chat(messages, tools)
+    assert '"arguments": {"city": "Zürich", "n": [1, 2.5, null]}' in text
+    # What the unpatched template does with the raw string (the silent bug we avoid):
+    raw = hf_tok.apply_chat_template(messages, tools=tools, tokenize=False)
+    assert '"arguments": "{\\"city\\"' in raw and raw != text
+
+
+def test_content_parts_are_joined():
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "world"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "Hi"}]}]
+    joined = [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "Hi"}]
+    assert data.render_chat(parts) == data.render_chat(joined)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ids_and_mask_real_tokenizer(hf_tok, qwen, name):
+    messages, tools = CASES[name]
+    text, spans = data.render_chat(messages, tools)
+    sample = data.encode_chat(qwen, messages, tools)
+    # ids: the real tokenizer encoding the whole rendered string, in one go
+    assert sample.input_ids == hf_tok(text, add_special_tokens=False)["input_ids"]
+    enc = qwen.tk.encode(text, add_special_tokens=False)
+    assert sample.loss_mask == supervised_by_offsets(text, enc.offsets, spans)
+    assert len(sample.segments) == len(sample.input_ids)
+    assert all((g == data.SEG_RESPONSE) == bool(m) for g, m in zip(sample.segments, sample.loss_mask))
+
+
+def test_mask_hand_checked_real_tokenizer(qwen):
+    im_start, im_end, nl = 151644, 151645, 198
+    # plain turn: supervised = "Hello!<|im_end|>\n", not the header
+    s = data.encode_chat(qwen, *CASES["plain"])
+    sup = [t for t, m in zip(s.input_ids, s.loss_mask) if m]
+    assert qwen.decode(sup, skip_special_tokens=False) == "Hello!<|im_end|>\n" and sup[-2:] == [im_end, nl]
+    i = len(s.input_ids) - len(sup)
+    assert s.input_ids[i - 3:i] == [im_start, qwen.encode("assistant")[0], nl] and s.loss_mask[i - 3:i] == [0, 0, 0]
+    assert s.segments[i - 3:i] == [data.SEG_ASSISTANT_HEADER] * 3
+    # response starting with newlines: the header "\n" and the response's "\n\n" merge into one
+    # token "\n\n\n" that starts in the header -> context; the rest "ok<|im_end|>\n" is supervised.
+    s = data.encode_chat(qwen, *CASES["response_starts_with_newline"])
+    sup = [t for t, m in zip(s.input_ids, s.loss_mask) if m]
+    assert qwen.decode(sup, skip_special_tokens=False) == "ok<|im_end|>\n"
+    j = s.loss_mask.index(1)
+    assert qwen.decode(s.input_ids[j - 1:j], skip_special_tokens=False) == "\n\n\n"
+    assert s.segments[j - 1] == data.SEG_ASSISTANT_HEADER
+    # tool-call turn without content: supervised starts at <tool_call> (id 151657)
+    s = data.encode_chat(qwen, *CASES["prompt_ends_with_tool"])
+    sup = [t for t, m in zip(s.input_ids, s.loss_mask) if m]
+    assert sup[0] == 151657
+    assert qwen.decode(sup, skip_special_tokens=False) == \
+        '<tool_call>\n{"name": "search", "arguments": {}}\n</tool_call><|im_end|>\n'
+
+
+def test_mask_hand_checked_byte_tokenizer():
+    bt = data.byte_tokenizer()
+    # with one token per byte nothing straddles: the leading newlines are supervised
+    s = data.encode_chat(bt, *CASES["response_starts_with_newline"])
+    sup = [t for t, m in zip(s.input_ids, s.loss_mask) if m]
+    assert bt.decode(sup, skip_special_tokens=False) == "\n\nok<|im_end|>\n"
+    # multi-byte characters: every byte of a supervised character is supervised
+    s = data.encode_chat(bt, *CASES["unicode"])
+    sup = [t for t, m in zip(s.input_ids, s.loss_mask) if m]
+    assert bt.decode(sup, skip_special_tokens=False) == CASES["unicode"][0][1]["content"] + "<|im_end|>\n"
+
+
+def test_segments_hand_checked():
+    bt = data.byte_tokenizer()
+    messages, tools = CASES["tools_two_calls_one_turn"]
+    text, _ = data.render_chat(messages, tools)
+    s = data.encode_chat(bt, messages, tools)
+    # decode each segment's tokens (byte tokenizer: tokens are contiguous and in order)
+    runs, prev = [], None
+    for t, g in zip(s.input_ids, s.segments):
+        if g != prev:
+            runs.append((g, []))
+            prev = g
+        runs[-1][1].append(t)
+    got = [(data.SEGMENT_NAMES[g], bt.decode(ids, skip_special_tokens=False)) for g, ids in runs]
+    system_end = text.index("<|im_start|>assistant")
+    tool_start = text.index("<|im_start|>user\n<tool_response>")
+    expected = [
+        ("system/user", text[:system_end]),
+        ("assistant header", "<|im_start|>assistant\n"),
+        ("response", text[system_end + 22:tool_start]),
+        ("tool", "<|im_start|>user\n<tool_response>\nOslo: 3°C\n</tool_response>\n<tool_response>\nLima: 19°C\n"
+                 "</tool_response><|im_end|>\n"),
+        ("assistant header", "<|im_start|>assistant\n"),
+        ("response", "Oslo 3°C, Lima 19°C.<|im_end|>\n"),
+    ]
+    assert got == expected
+    assert expected[2][1].startswith("<tool_call>\n") and expected[2][1].endswith("</tool_call><|im_end|>\n")
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers
+
+
+def test_byte_tokenizer():
+    bt = data.byte_tokenizer()
+    assert bt.tk.get_vocab_size() == data.BYTE_VOCAB_SIZE == 261
+    text = "aZ ~\n\t\x00é€😀"
+    assert bt.encode(text) == list(text.encode("utf-8"))  # id == byte value
+    assert bt.decode(bt.encode(text)) == text
+    names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
+    assert [bt.tk.token_to_id(n) for n in names] == [256, 257, 258, 259, 260]
+    assert (bt.eos_token_id, bt.pad_token_id, bt.default_system) == (258, 256, data.INSTRUCT_SYSTEM)
+    assert bt.stop_token_ids() == [258, 256]
+    ids = bt.encode("<|im_start|>x<tool_call>y<|im_end|>")
+    assert ids == [257, 120, 259, 121, 258]
+    assert bt.decode(ids) == "x<tool_call>y"  # tool-call tokens are not special: kept, as in Qwen2.5
+    import tokenizers
+    assert set(data._byte_alphabet()) == set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+
+
+@needs_shared
+def test_load_real_tokenizer(qwen):
+    assert (qwen.eos_token_id, qwen.pad_token_id) == (151645, 151643)
+    assert qwen.default_system == data.INSTRUCT_SYSTEM
+    assert qwen.stop_token_ids() == [151645, 151643]
+    assert qwen.encode("user\n\nHi") != qwen.encode("user\n") + qwen.encode("\nHi")  # why we encode once
+
+
+def test_load_tokenizer_base_variant_and_errors(tmp_path):
+    bt = data.byte_tokenizer()
+    (tmp_path / "tokenizer.json").write_text(bt.tk.to_str())
+    base = data.QWEN25_CHAT_TEMPLATE.replace(data.INSTRUCT_SYSTEM, data.BASE_SYSTEM)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": {"content": "<|endoftext|>"}, "pad_token": "<|endoftext|>", "chat_template": base}))
+    tok = data.load_tokenizer(tmp_path)
+    assert (tok.default_system, tok.eos_token_id, tok.pad_token_id) == (data.BASE_SYSTEM, 256, 256)
+    # chat_template.jinja (transformers >= 4.43) wins over the config's copy
+    (tmp_path / "chat_template.jinja").write_text(data.QWEN25_CHAT_TEMPLATE)
+    assert data.load_tokenizer(tmp_path).default_system == data.INSTRUCT_SYSTEM
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
+    with pytest.raises(data.DataError, match="eos_token '<nope>' is not in the vocabulary"):
+        data.load_tokenizer(tmp_path)
+    with pytest.raises(data.DataError, match="no tokenizer.json"):
+        data.load_tokenizer(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("which", ["byte", "qwen"])
+def test_files_load_in_transformers_and_round_trip(tmp_path, which):
+    transformers = pytest.importorskip("transformers", reason="transformers is the oracle for saved tokenizers")
+    if which == "qwen" and not (QWEN_DIR / "tokenizer.json").is_file():
+        pytest.skip(f"real Qwen2.5 tokenizer not found at {QWEN_DIR} (../shared is absent)")
+    tok = data.byte_tokenizer() if which == "byte" else data.load_tokenizer(QWEN_DIR)
+    for name, content in tok.files().items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (hf.eos_token_id, hf.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
+    back = data.load_tokenizer(tmp_path)
+    assert (back.eos_token_id, back.pad_token_id, back.default_system) == \
+        (tok.eos_token_id, tok.pad_token_id, tok.default_system)
+    for name in ("tools_two_calls_one_turn", "unicode", "string_arguments"):
+        messages, tools = CASES[name]
+        text, _ = data.render_chat(messages, tools, add_generation_prompt=True, default_system=tok.default_system)
+        assert hf.apply_chat_template(plain_messages(messages), tools=tools, tokenize=False,
+                                      add_generation_prompt=True) == text
+        ids = hf(text, add_special_tokens=False)["input_ids"]
+        assert ids == tok.encode(text) == back.encode(text)
+        assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids)
+
+
+# -----------------------------------------------------------------------------
+# Bad input: file:line and what is wrong
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+
+
+def user_then(assistant):
+    return {"messages": [{"role": "user", "content": "q"}, assistant]}
+
+
+BAD_LINES = {
+    "invalid_json": ('{"messages": [', "invalid JSON"),
+    "not_object": ("[1, 2]", "expected a JSON object"),
+    "missing_messages": (json.dumps({"tools": []}), "missing 'messages'"),
+    "empty_messages": (json.dumps({"messages": []}), "'messages' is empty"),
+    "messages_not_list": (json.dumps({"messages": "hi"}), "'messages' must be a list, got a string"),
+    "unknown_role": (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "unknown role 'bot'"),
+    "missing_role": (json.dumps({"messages": [{"content": "x"}]}), "missing 'role'"),
+    "content_wrong_type": (json.dumps({"messages": [{"role": "user", "content": 5}]}),
+                           "message 0 (user): content must be a string or a list of text parts, got a number"),
+    "content_missing": (json.dumps({"messages": [{"role": "user"}]}), "message 0 (user): missing 'content'"),
+    "image_part": (json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "url": "x"}]}]}),
+                   "content part 0 has type 'image', only text is supported"),
+    "assistant_empty": (json.dumps(user_then({"role": "assistant", "content": ""})),
+                        "message 1 (assistant): assistant turn has neither content nor tool_calls"),
+    "assistant_null_no_calls": (json.dumps(user_then({"role": "assistant", "content": None, "tool_calls": []})),
+                                "assistant turn has neither content nor tool_calls"),
+    "tool_calls_not_list": (json.dumps(user_then({"role": "assistant", "tool_calls": {"name": "f"}})),
+                            "'tool_calls' must be a list, got an object"),
+    "call_without_name": (json.dumps(user_then({"role": "assistant", "tool_calls": [{"arguments": {}}]})),
+                          "tool call 0: 'name' must be a non-empty string"),
+    "call_without_arguments": (json.dumps(user_then({"role": "assistant", "tool_calls": [{"name": "f"}]})),
+                               "tool call 0 (f): missing 'arguments'"),
+    "arguments_bad_json_string": (json.dumps(user_then({"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{city: Oslo}"}}]})),
+        "'arguments' is a string but not valid JSON"),
+    "arguments_list": (json.dumps(user_then({"role": "assistant", "tool_calls": [{"name": "f", "arguments": [1]}]})),
+                       "'arguments' must be a JSON object (or a string holding one), got a list"),
+    "tool_calls_on_user": (json.dumps({"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"name": "f", "arguments": {}}]}]}), "only assistant messages may have 'tool_calls'"),
+    "tools_not_list": (json.dumps({**GOOD, "tools": {"name": "f"}}), "'tools' must be a list of objects"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_LINES))
+def test_bad_input_names_file_line_and_problem(tmp_path, name):
+    line, message = BAD_LINES[name]
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n" + line + "\n" + json.dumps(GOOD) + "\n")  # bad line is line 3
+    with pytest.raises(data.DataError) as e:
+        data.load_dataset(path, data.byte_tokenizer(), log=lambda s: None)
+    assert str(e.value).startswith(f"{path}:3: ") and message in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    bt = data.byte_tokenizer()
+    with pytest.raises(data.DataError, match="no such file"):
+        data.load_dataset(tmp_path / "nope.jsonl", bt)
+    for content in ("", "\n  \n"):
+        (tmp_path / "empty.jsonl").write_text(content)
+        with pytest.raises(data.DataError, match="empty.jsonl: file is empty"):
+            data.load_dataset(tmp_path / "empty.jsonl", bt)
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n\xe9\n")
+    with pytest.raises(data.DataError, match="latin1.jsonl:2: not valid UTF-8"):
+        data.load_dataset(tmp_path / "latin1.jsonl", bt)
+    nosup = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "no answer"}]}
+    (tmp_path / "nosup.jsonl").write_text(json.dumps(nosup) + "\n" + json.dumps(nosup) + "\n")
+    logs = []
+    with pytest.raises(data.DataError, match="nosup.jsonl: no supervised token in any conversation"):
+        data.load_dataset(tmp_path / "nosup.jsonl", bt, log=logs.append)
+    assert "dropped 2 (0 too long, 2 without supervised tokens)" in logs[0]
+    with pytest.raises(data.DataError, match="render_chat: message 1 \\(assistant\\): assistant turn has neither"):
+        data.render_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": None}])
+
+
+def test_extra_keys_ignored(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({**GOOD, "answer": "yo", "id": 7}) + "\n")
+    (s,) = data.load_dataset(path, data.byte_tokenizer(), log=lambda s: None)
+    assert s == data.encode_chat(data.byte_tokenizer(), GOOD["messages"])
+
+
+def run_cli(capsys, *args):
+    """data.main in-process (fast); returns (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        data.main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_errors_and_show(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(GOOD) + "\n" + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    expected = f"error: {bad}:2: message 0: unknown role 'robot' (expected one of system, user, assistant, tool)"
+    # once for real, as a user runs it: exit status 2, one line, no traceback
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "stats", "--data", str(bad)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert (r.returncode, r.stderr.strip(), r.stdout) == (2, expected, "")
+    assert run_cli(capsys, "show", "--data", str(bad)) == (2, "", expected + "\n")
+    code, _, err = run_cli(capsys, "stats", "--data", str(bad), "--tokenizer", str(tmp_path / "nowhere"))
+    assert code == 2 and err.startswith("error: ") and "no tokenizer.json" in err
+    good = tmp_path / "good.jsonl"
+    messages, tools = CASES["tools_two_calls_one_turn"]
+    good.write_text(json.dumps({"messages": messages, "tools": tools}) + "\n")
+    code, out, err = run_cli(capsys, "show", "--data", str(good), "--index", "0")
+    assert code == 0, err
+    text, spans = data.render_chat(messages, tools)
+    body = out.split("\n", 1)[1]  # after the header line; not a terminal -> brackets
+    assert body.replace("⟦", "").replace("⟧", "") == text
+    assert [p.split("⟧")[0] for p in body.split("⟦")[1:]] == [text[s:e] for s, e in spans]
+    code, _, err = run_cli(capsys, "show", "--data", str(good), "--index", "1")
+    assert code == 2 and "out of range" in err
+    code, out, _ = run_cli(capsys, "stats", "--data", str(good))
+    assert code == 0 and "kept 1 (truncated 0)" in out and "tool calls 2" in out
+
+
+# -----------------------------------------------------------------------------
+# Truncation
+
+
+def long_conversation(n_words, answer):
+    return {"messages": [{"role": "user", "content": " ".join(["word"] * n_words)},
+                         {"role": "assistant", "content": answer}]}
+
+
+def test_truncation_policies(tmp_path):
+    bt = data.byte_tokenizer()
+    convs = [long_conversation(5, "short"), long_conversation(40, "a medium answer"), long_conversation(150, "x" * 30)]
+    full = [data.encode_chat(bt, c["messages"]) for c in convs]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    L = len(full[1].input_ids) - 3  # conversation 0 fits; 1 and 2 are too long
+    assert len(full[0].input_ids) <= L
+
+    logs = []
+    right = data.load_dataset(path, bt, max_length=L, truncation="right", log=logs.append)
+    # right: conversation 1 keeps part of its answer; conversation 2 loses it all -> dropped and counted
+    assert len(right) == 2 and right[0] == full[0]
+    assert right[1].input_ids == full[1].input_ids[:L] and right[1].loss_mask == full[1].loss_mask[:L]
+    assert "kept 2 (truncated 1) | dropped 1 (0 too long, 1 without supervised tokens)" in logs[-1]
+
+    left = data.load_dataset(path, bt, max_length=L, truncation="left", log=logs.append)
+    assert [len(s.input_ids) for s in left] == [len(full[0].input_ids), L, L]
+    for s, f in zip(left[1:], full[1:]):
+        assert s.input_ids == f.input_ids[-L:] and s.segments == f.segments[-L:]
+        assert s.loss_mask == [0] + f.loss_mask[-L + 1:]  # the first token can never be a target
+    assert "kept 3 (truncated 2) | dropped 0" in logs[-1]
+
+    drop = data.load_dataset(path, bt, max_length=L, truncation="drop", log=logs.append)
+    assert drop == [full[0]] and "dropped 2 (2 too long, 0 without" in logs[-1]
+
+    with pytest.raises(data.DataError, match=f"t.jsonl:2: {len(full[1].input_ids)} tokens is longer than max_length={L}"):
+        data.load_dataset(path, bt, max_length=L, truncation="error")
+    with pytest.raises(data.DataError, match="unknown truncation policy 'middle'"):
+        data.load_dataset(path, bt, truncation="middle")
+    assert all(len(s.input_ids) <= L for s in right + left + drop)
+
+
+# -----------------------------------------------------------------------------
+# Batching
+
+
+def make_samples(lengths):
+    return [data.Sample(list(range(1, n + 1)), [0] * (n // 2) + [1] * (n - n // 2), [0] * n) for n in lengths]
+
+
+def test_collate_pads_to_longest_in_batch():
+    samples = make_samples([3, 7, 5])
+    b = data.collate(samples, pad_id=99)
+    assert set(b) == {"input_ids", "attention_mask", "loss_mask"}
+    assert b["input_ids"].shape == (3, 7) and b["input_ids"].dtype == torch.long
+    assert b["attention_mask"].dtype == torch.bool and b["loss_mask"].dtype == torch.bool
+    for i, s in enumerate(samples):
+        n = len(s.input_ids)
+        assert b["input_ids"][i, :n].tolist() == s.input_ids and (b["input_ids"][i, n:] == 99).all()
+        assert b["attention_mask"][i].tolist() == [True] * n + [False] * (7 - n)
+        assert b["loss_mask"][i].tolist() == [bool(m) for m in s.loss_mask] + [False] * (7 - n)
+
+
+@pytest.mark.parametrize("n,world,batch", [(10, 1, 3), (10, 2, 2), (11, 3, 4), (2, 4, 1), (37, 2, 5)])
+def test_epoch_batches_match_distributed_sampler(n, world, batch):
+    lengths = [(7 * i) % 13 + 1 for i in range(n)]
+    ds = data.ChatDataset(make_samples(lengths))
+    for epoch in (0, 3):
+        for rank in range(world):
+            sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
+                                                          seed=1234, drop_last=False)
+            sampler.set_epoch(epoch)
+            batches = data.epoch_batches(lengths, batch, seed=1234, epoch=epoch, rank=rank, world_size=world)
+            assert [i for b in batches for i in b] == list(sampler)
+            assert all(len(b) == batch for b in batches[:-1])
+            # the same through a DataLoader using the sampler
+            loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, collate_fn=list)
+            assert [[s.input_ids for s in b] for b in loader] == [[ds[i].input_ids for i in b] for b in batches]
+
+
+def test_epoch_batches_deterministic_and_grouped():
+    lengths = [(37 * i) % 101 + 1 for i in range(500)]
+    a = data.epoch_batches(lengths, 4, seed=7, epoch=2, rank=1, world_size=2)
+    assert a == data.epoch_batches(lengths, 4, seed=7, epoch=2, rank=1, world_size=2)
+    assert a != data.epoch_batches(lengths, 4, seed=7, epoch=3, rank=1, world_size=2)
+    assert a != data.epoch_batches(lengths, 4, seed=8, epoch=2, rank=1, world_size=2)
+    for rank in (0, 1):
+        plain = data.epoch_batches(lengths, 4, seed=7, epoch=2, rank=rank, world_size=2)
+        grouped = data.epoch_batches(lengths, 4, seed=7, epoch=2, rank=rank, world_size=2, group_by_length=True)
+        assert grouped == data.epoch_batches(lengths, 4, seed=7, epoch=2, rank=rank, world_size=2, group_by_length=True)
+        assert sorted(i for b in grouped for i in b) == sorted(i for b in plain for i in b)  # same samples
+        assert len(grouped) == len(plain)  # same number of steps on every rank
+
+        def padded(batches):
+            return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        assert padded(grouped) < 0.8 * padded(plain)
+
+
+# -----------------------------------------------------------------------------
+# The bundled dataset
+
+
+def test_bundled_dataset_is_reproducible_and_consistent(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "make_agentic.py"), "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for name in ("agentic.jsonl", "agentic-heldout.jsonl"):
+        assert (tmp_path / name).read_bytes() == (ROOT / "examples" / name).read_bytes(), f"{name} is stale"
+    train = [json.loads(l) for l in (ROOT / "examples" / "agentic.jsonl").read_text().splitlines()]
+    held = [json.loads(l) for l in (ROOT / "examples" / "agentic-heldout.jsonl").read_text().splitlines()]
+    assert len(train) == 2000 and len(held) == 200
+    questions = {c["messages"][1]["content"] for c in train}
+    assert not any(c["messages"][1]["content"] in questions for c in held)
+    bt = data.byte_tokenizer()
+    samples = data.load_dataset(ROOT / "examples" / "agentic.jsonl", bt, log=lambda s: None)
+    assert len(samples) == 2000 and max(len(s.input_ids) for s in samples) <= 1500
+    for c, s in zip(train[:100], samples):
+        final = c["messages"][-1]["content"]
+        assert c["answer"] in final
+        sup = bt.decode([t for t, m in zip(s.input_ids, s.loss_mask) if m], skip_special_tokens=False)
+        assert sup.endswith(final + "<|im_end|>\n")
+        # the facts are in the tool outputs (the haystack), not in the question
+        tool_text = "\n".join(m["content"] for m in c["messages"] if m["role"] == "tool")
+        city, shift = c["answer"].removesuffix(" shift").split(", ")
+        name = final.split(" is in ")[0]
+        assert f"{name}, {city}" in tool_text and f"{name}: {shift}" in tool_text
