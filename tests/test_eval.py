@@ -655,3 +655,91 @@ def test_cli_user_errors(tiny_ckpt, tmp_path, capsys):
     r = run_cli("babilong", "--model", tiny_ckpt, "--data-dir", tmp_path / "none", "--lengths", "0k",
                 "--tasks", "qa1", "--out", tmp_path / "o", "--download", env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and "could not download data/qa1/0k.json" in r.stderr and "Traceback" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# Attention analysis
+
+
+def planted_sink_model():
+    """A 2-layer Qwen2 whose layer 1 has an attention sink that exists only under causal masking.
+
+    Layer 0 attends uniformly (q = k = 0) and copies a "first token" feature into every position,
+    diluted by how many keys the position sees: under the causal mask token 0 sees only itself and
+    gets the full feature, token j gets 1/(j+1) of it; under the bidirectional mask every token of
+    the first context run sees the whole run and gets 1/R. Layer 1's keys read that feature in the
+    slowest RoPE channel and every query has a large constant component there, so its attention
+    goes to whoever holds the most of it: the first positions, under the causal mask only."""
+    import model as M
+
+    torch = pytest.importorskip("torch")
+    cfg = M.Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=8, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, rope_theta=1e6, tie_word_embeddings=False,
+                        torch_dtype="float32", max_position_embeddings=256)
+    m = M.Qwen2(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        for blk in m.model.layers:
+            blk.input_layernorm.weight.fill_(1.0)
+            blk.post_attention_layernorm.weight.fill_(1.0)
+        m.model.norm.weight.fill_(1.0)
+        emb = m.model.embed_tokens.weight
+        emb[:, 2:] = torch.randn(32, 14, generator=g)  # content dims 2.. (dims 0, 1 are the feature's)
+        emb[0, 0] = 1.0  # token 0 (the sequence start) also carries the feature in dim 0
+        a0, a1 = m.model.layers[0].self_attn, m.model.layers[1].self_attn
+        a0.v_proj.weight[0, 0] = 1.0  # value channel 0 = normalised dim 0
+        a0.o_proj.weight[1, 0] = 1.0  # ... averaged over the visible keys, written to dim 1
+        a1.k_proj.weight[3, 1] = 1.0  # key channel 3 (the slowest rotating pair) = normalised dim 1
+        a1.q_proj.bias[[3, 11]] = 20.0  # every query of both heads asks for it
+        m.lm_head.weight.normal_(generator=g)
+    return m
+
+
+def test_analysis_rows_sum_to_one_and_bidirectional_mask_removes_planted_sink():
+    import data
+
+    torch = pytest.importorskip("torch")
+    m = planted_sink_model()
+    runs = [(0, 20), (1, 10), (0, 10), (1, 10)]  # (loss_mask, length): context, response, tool output, response
+    loss_mask = [v for v, n in runs for _ in range(n)]
+    segments = ([data.SEG_SYSTEM_USER] * 20 + [data.SEG_RESPONSE] * 10 + [data.SEG_TOOL] * 10
+                + [data.SEG_RESPONSE] * 10)
+    ids = [0] + torch.randint(1, 32, (49,), generator=torch.Generator().manual_seed(1)).tolist()
+    sample = data.Sample(input_ids=ids, loss_mask=loss_mask, segments=segments)
+    result = ev.analyze(m, [sample], heatmap_layer=1)
+    for name in ev.ANALYSIS_MASKS:
+        assert result[name]["row_sum_error"] < 1e-5
+        for layer in result[name]["layers"]:  # the parts of the budget never exceed the whole
+            assert layer["sink"] + layer["system_user"] + layer["tool"] <= 1 + 1e-5
+            assert sum(layer["profile"]) == pytest.approx(1.0, abs=1e-5)
+    causal, bidir = result["causal"]["layers"][1]["sink"], result["bidirectional"]["layers"][1]["sink"]
+    assert causal > 0.6, causal  # the planted sink works under the causal mask
+    assert bidir < causal / 3, (causal, bidir)
+    # layer 0 attends uniformly: a response query at position p puts 5/(p+1) on the sink positions
+    q = [p for p, v in enumerate(loss_mask) if v]
+    expected = sum(5 / (p + 1) for p in q) / len(q)
+    assert result["causal"]["layers"][0]["sink"] == pytest.approx(expected, rel=1e-4)
+    heat = result["causal"]["heatmap_sample0"]
+    assert len(heat) == 50 and all(len(r) == 50 for r in heat)  # 50 tokens < 128: no pooling
+
+
+def test_analyze_cli_on_tiny_checkpoint(tmp_path):
+    torch = pytest.importorskip("torch")
+    import data
+    import model as M
+
+    m = M.Qwen2(M.Qwen2Config(**M.TINY))
+    m.save_pretrained(tmp_path / "ckpt", extra_files=data.byte_tokenizer().files())
+    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "analyze", "--model", str(tmp_path / "ckpt"),
+                        "--index", "0", "1", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "out" / "analysis" / "analysis.json").read_text())
+    assert res["index"] == [0, 1] and len(res["causal"]["layers"]) == M.TINY["num_hidden_layers"]
+    assert "causal mask: sink" in r.stdout and "| mean |" in r.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "eval.py"), "analyze", "--model", str(tmp_path / "ckpt"),
+                          "--index", "100000", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
