@@ -17,11 +17,10 @@ that belong to that person:
 Distractors share first or last names with the person, so matching the whole name is needed.
 Cities and shifts come from small closed sets (8 x 4), so a tiny model can learn the format and
 accuracy (the answer string appearing verbatim in the final message) is easy to measure.
-Sizes suit the tiny byte-level demo model: ~1,300-1,700 bytes per rendered conversation, half
-of it the system turn with the tools block (the same in every conversation).
+Sizes suit the tiny byte-level demo model: ~600-900 bytes per rendered conversation (the tools
+are described in the system prompt; a "tools" list would add the template's ~700-byte tools block).
 
-Each line has the usual "messages" and "tools", plus "answer" (ignored by training, used by
-eval.py). A held-out question (person, teams, day) never occurs in the training file.
+Each line has the usual "messages", plus "answer" (ignored by training, used by eval.py). A held-out question (person, teams, day) never occurs in the training file.
 """
 
 import argparse
@@ -34,11 +33,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 
-SYSTEM = "You are a staff assistant. Answer in one line."
-TOOLS = [
-    {"type": "function", "function": {"name": "roster", "parameters": {"type": "object", "properties": {"team": {"type": "string"}}}}},
-    {"type": "function", "function": {"name": "shifts", "parameters": {"type": "object", "properties": {"day": {"type": "string"}}}}},
-]
+# The tools are described in the system prompt rather than as a "tools" list: the template's tools
+# block is ~700 identical bytes per conversation, which would double the demo's training cost.
+SYSTEM = ("You are a staff assistant. Tools: roster(team) lists a team's people and offices; "
+          "shifts(day) lists everyone's shift on that day. Answer in one line.")
 FIRST = ["Ivy", "Omar", "Ana", "Leo", "Mia", "Noah", "Zoe", "Ravi", "Lena", "Yuki", "Ines", "Hugo",
          "Sara", "Theo", "Nina", "Ali", "Eva", "Max", "Rosa", "Kai"]
 LAST = ["Park", "Lind", "Ruiz", "Moss", "Chen", "Sato", "Okafor", "Vogel", "Haddad", "Brandt", "Duarte",
@@ -108,16 +106,16 @@ def conversation(rng):
         messages.append({"role": "tool", "content": shift_list})
     answer = f"{city}, {shift} shift"
     messages.append({"role": "assistant", "content": f"{name} is in {answer}."})
-    return {"messages": messages, "tools": TOOLS, "answer": answer}, (name, tuple(teams), day)
+    return {"messages": messages, "answer": answer}, (name, tuple(teams), day)
 
 
 def write(path, convs):
     with open(path, "w", encoding="utf-8") as f:
         for c in convs:
             f.write(json.dumps(c, ensure_ascii=False) + "\n")
-    sizes = [len(data.render_chat(c["messages"], c["tools"])[0].encode()) for c in convs]
+    sizes = [len(data.render_chat(c["messages"], c.get("tools"))[0].encode()) for c in convs]
     tok = data.byte_tokenizer()
-    sup = [sum(data.encode_chat(tok, c["messages"], c["tools"]).loss_mask) for c in convs[:200]]
+    sup = [sum(data.encode_chat(tok, c["messages"], c.get("tools")).loss_mask) for c in convs[:200]]
     print(f"{path}: {len(convs)} conversations, {path.stat().st_size / 1e6:.2f} MB | rendered bytes "
           f"min {min(sizes)} mean {statistics.fmean(sizes):.0f} max {max(sizes)} | supervised bytes "
           f"(first 200) mean {statistics.fmean(sup):.0f}")
