@@ -130,6 +130,11 @@ class FocuSFTStep(nn.Module):
         return focusft.focusft_loss(self.model, batch, self.fcfg, generator)
 
 
+# Settings a resumed run must share with the run it continues (data order, schedule, method).
+RESUME_MUST_MATCH = ("data", "method", "max_length", "truncation", "epochs", "batch_size", "grad_accum", "lr",
+                     "warmup_ratio", "max_steps", "seed", "group_by_length", "loss_norm")
+
+
 def lr_lambda(step: int, total: int, warmup: int) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (HF's cosine schedule)."""
     if step < warmup:
@@ -181,6 +186,8 @@ def main(cfg: TrainConfig):
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if cfg.device:
         device = torch.device(cfg.device)
+        if device.type == "cuda" and device.index is None:  # under torchrun: one GPU per local rank
+            device = torch.device("cuda", local_rank)
     elif torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             raise TrainError(f"local rank {local_rank} has no GPU: --nproc_per_node is larger than the "
@@ -212,7 +219,7 @@ def main(cfg: TrainConfig):
     # ---- output directory: never mix two runs
     out = Path(cfg.out)
     resume_from = newest_checkpoint(out) if cfg.resume else None
-    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+    if not (cfg.resume or cfg.overwrite) and out.exists() and any(out.iterdir()):
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     if main_proc:
         if cfg.overwrite and not cfg.resume:
@@ -224,6 +231,10 @@ def main(cfg: TrainConfig):
         tokenizer, model_dir = data.byte_tokenizer(), None
     else:
         model_dir = resolve_checkpoint(cfg.model)
+        try:  # a model that is not Qwen2 fails here, before minutes of data loading
+            Qwen2Config.from_hf(json.loads((model_dir / "config.json").read_text()))
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{model_dir / 'config.json'}: invalid JSON ({e})") from None
         tokenizer = data.load_tokenizer(model_dir)
     samples = data.load_dataset(cfg.data, tokenizer, cfg.max_length, cfg.truncation, log=log)
     lengths = [len(s.input_ids) for s in samples]
@@ -257,14 +268,29 @@ def main(cfg: TrainConfig):
 
     start_step = 0
     if resume_from is not None:
-        state = torch.load(resume_from / "train_state.pt", map_location=device, weights_only=False)
+        # map to CPU: RNG states must stay CPU byte tensors; optimizer.load_state_dict moves its own
+        # state to the parameters' device
+        state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=False)
         if state["world_size"] != world:
             raise TrainError(f"{resume_from} was written by {state['world_size']} process(es); resume with the same number")
+        # the data order and the schedule are functions of these: resuming with others would continue elsewhere
+        changed = [k for k in RESUME_MUST_MATCH if state["config"].get(k) != getattr(cfg, k)]
+        if changed:
+            raise TrainError(f"{resume_from} was written with other settings: " + ", ".join(
+                f"--{k.replace('_', '-')} {state['config'].get(k)!r} (now {getattr(cfg, k)!r})" for k in changed))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"][rank], generator)
         start_step = state["step"]
         log(f"resuming from {resume_from} at step {start_step}")
+        log_path = out / "log.jsonl"
+        if main_proc and log_path.is_file():  # the steps after the checkpoint run again: drop their old lines
+            kept = []
+            for line in log_path.read_text().splitlines():
+                with contextlib.suppress(ValueError):  # a line cut short by the interruption
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line + "\n")
+            log_path.write_text("".join(kept))
     elif cfg.resume:
         log(f"--resume: no checkpoint in {out}, starting from scratch")
 
@@ -322,7 +348,7 @@ def main(cfg: TrainConfig):
                 else:  # sum over all supervised tokens of the step / their global count (DDP averages over ranks: x world)
                     scaled = loss * (n_sup[k] * world / n_global)
                 scaled.backward()
-            stat[0] += loss.detach().double() / len(batches)
+            stat[0] += scaled.detach().double()  # the loss as optimised (summed over ranks, / world below)
             if info["inner_losses"] is not None:
                 stat[1] += info["inner_losses"][0].double() / len(batches)
                 stat[2] += info["inner_losses"][-1].double() / len(batches)
@@ -330,11 +356,12 @@ def main(cfg: TrainConfig):
             dist.all_reduce(stat)
             stat[:3] /= world
         loss_value = stat[0].item()
-        if not math.isfinite(loss_value):
-            last_ckpt = newest_checkpoint(out)
-            raise TrainError(f"non-finite loss ({loss_value}) at step {step + 1}; stopped without applying it. "
-                             + (f"Last checkpoint: {last_ckpt}" if last_ckpt else "No checkpoint was written yet."))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # a finite loss may have an inf gradient
+            last_ckpt = newest_checkpoint(out)
+            what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_norm})"
+            raise TrainError(f"non-finite {what} at step {step + 1}; stopped without applying it. "
+                             + (f"Last checkpoint: {last_ckpt}" if last_ckpt else "No checkpoint was written yet."))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
