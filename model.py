@@ -185,7 +185,10 @@ def linear_with_lora(x, weight, lora, scale):
     y = F.linear(x, weight)
     if lora is not None:
         A, B = lora
-        y = y + scale * F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
+        xa = F.linear(x, A.to(x.dtype))  # (..., r)
+        # y + scale * xa B^T as one GEMM: no full-size temporaries for the product and the sum
+        y = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.to(x.dtype).t(),
+                        alpha=scale).view(y.shape)
     return y
 
 

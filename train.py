@@ -95,16 +95,21 @@ PRESETS = {
 }
 
 
+CHOICES = {"method": list(focusft.METHODS), "dtype": ["bf16", "fp32"], "loss_norm": ["mean", "tokens"],
+           "clip_mode": ["per-tensor", "global"], "truncation": list(data.TRUNCATION_POLICIES),
+           "backend": ["", "nccl", "gloo"]}
+
+
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset; flags override it")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default: {f.default}")
         else:
             p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=None,
-                           help=f"default: {f.default!r}")
+                           choices=CHOICES.get(f.name), help=f"default: {f.default!r}")
     args = vars(p.parse_args(argv))
     preset = PRESETS[args.pop("preset")] if args.get("preset") else {}
     args.pop("preset", None)
