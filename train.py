@@ -87,11 +87,13 @@ class TrainConfig:
 
 
 PRESETS = {
-    # A CPU run of minutes: a 4-layer random Qwen2 with the byte tokenizer learns the bundled
-    # agentic haystack task. Larger lr and batch than the paper: it trains from scratch.
+    # A CPU run of about 4 minutes: one epoch (500 steps) of FocuSFT on the bundled agentic task
+    # with a 4-layer random Qwen2 and the byte tokenizer. A much larger lr than the paper's: it
+    # trains from scratch. It learns the conversation format (the loss falls from 5.2 to ~0.1),
+    # not yet the retrieval: see the README.
     "demo": dict(model="tiny", data="examples/agentic.jsonl", out="runs/demo", max_length=2048, epochs=1,
-                 batch_size=8, grad_accum=1, lr=2e-3, dtype="fp32", grad_checkpointing=False, max_steps=0,
-                 save_every=50),
+                 batch_size=4, grad_accum=1, lr=2e-3, dtype="fp32", grad_checkpointing=False, max_steps=0,
+                 save_every=100),
 }
 
 
