@@ -50,6 +50,7 @@ class FocusConfig:
     inner_lr: float = 1.0
     inner_clip: float = 1.0  # max gradient norm of each fast-weight tensor
     clip_mode: str = "per-tensor"  # "per-tensor" (the authors') or "global" (one norm over all)
+    inner_grad: str = "grad"  # torch.func.grad, or "vjp": same gradients, less memory (see inner_loop)
     lora_rank: int = 32
     lora_alpha: float = 64.0  # fast_scale = alpha / rank = 2
     layer_fraction: float = 0.35  # adapt layers int(L * (1 - fraction)) .. L-1 (18..27 of 28)
@@ -62,6 +63,8 @@ class FocusConfig:
             raise ValueError(f"inner_steps must be >= 1, not {self.inner_steps} (for no inner loop use method 'sft')")
         if self.clip_mode not in ("per-tensor", "global"):
             raise ValueError(f"clip_mode must be 'per-tensor' or 'global', not {self.clip_mode!r}")
+        if self.inner_grad not in ("grad", "vjp"):
+            raise ValueError(f"inner_grad must be 'grad' or 'vjp', not {self.inner_grad!r}")
         self.targets = tuple(self.targets)
 
     @property
@@ -226,16 +229,22 @@ def inner_loop(model, h_bottom, rope, mask, sel, targets, fast, cfg: FocusConfig
         loss = loss_of(fast)
         return loss, loss.detach()  # (what is differentiated, what is reported)
 
-    # grad_phi L_inner, w.r.t. the fast weights only. Porting tip: torch.func.grad always runs its
-    # backward with create_graph=True (so transforms can nest), which makes autograd use slower
-    # twice-differentiable formulas; `loss, pull = torch.func.vjp(loss_of, fast)` then
-    # `pull(torch.ones_like(loss), create_graph=False)` gives the same gradients with a plain
-    # first-order backward. We keep torch.func.grad: it reads as the equation.
-    grad_fn = torch.func.grad(loss_and_value, has_aux=True)
+    def grads_and_loss(fast):
+        """grad_phi L_inner (w.r.t. the fast weights only) and L_inner."""
+        if cfg.inner_grad == "grad":
+            return torch.func.grad(loss_and_value, has_aux=True)(fast)
+        # NOTE: torch.func.grad always runs its backward with create_graph=True (so transforms can
+        # nest): autograd then uses twice-differentiable formulas, which save more tensors and run
+        # more kernels. A vjp pulled back with create_graph=False gives the same gradients through
+        # a plain first-order backward (bench/bench_method.py measures both).
+        loss, pull = torch.func.vjp(loss_of, fast)
+        (grads,) = pull(torch.ones_like(loss), create_graph=False)
+        return grads, loss
+
     losses = []
     with torch.no_grad(), activation_checkpointing_off(model):
         for _ in range(cfg.inner_steps):
-            grads, loss = grad_fn(fast)
+            grads, loss = grads_and_loss(fast)
             grads = clip_fast_grads(grads, cfg.inner_clip, cfg.clip_mode)
             ok = torch.isfinite(loss)
             fast = {i: {n: (torch.where(ok, A - cfg.inner_lr * grads[i][n][0], A),

@@ -55,7 +55,7 @@ from focusft import FocusConfig  # noqa: E402
 from model import Qwen2, Qwen2Config  # noqa: E402
 from reference import naive_focusft_loss  # noqa: E402
 
-METHODS = ["sft", "sft-bidir", "causal-bilevel", "focusft", "naive-focusft"]
+METHODS = ["sft", "sft-bidir", "causal-bilevel", "focusft", "focusft-vjp", "naive-focusft"]
 
 
 def synthetic_batch(seq: int, vocab: int, supervised: float, turns: int, device, seed: int = 0):
@@ -108,8 +108,8 @@ def make_loss_fn(model, batch, method, generator):
 
         def loss_fn():
             return naive_focusft_loss(model, batch, cfg, generator)[0]
-    else:
-        cfg = FocusConfig(method=method)
+    else:  # "focusft-vjp": FocuSFT with FocusConfig(inner_grad="vjp") instead of torch.func.grad
+        cfg = FocusConfig(method="focusft", inner_grad="vjp") if method == "focusft-vjp" else FocusConfig(method=method)
 
         def loss_fn():
             return focusft.focusft_loss(model, batch, cfg, generator)[0]

@@ -327,11 +327,12 @@ def clipped(g, max_norm):
     return g * min(1.0, max_norm / (g.norm().item() + 1e-6))
 
 
-def test_inner_gradients_equal_plain_autograd():
+@pytest.mark.parametrize("inner_grad", ["grad", "vjp"])
+def test_inner_gradients_equal_plain_autograd(inner_grad):
     """One inner step with lr 1 and no clipping returns phi - grad: compare grad with autograd.grad
-    on a straightforward full forward of the model."""
+    on a straightforward full forward of the model (for torch.func.grad and torch.func.vjp)."""
     model, batch = tiny_model(), batch_from_runs(BATCH_RUNS)
-    cfg = FocusConfig(inner_steps=1, inner_lr=1.0, inner_clip=1e9)
+    cfg = FocusConfig(inner_steps=1, inner_lr=1.0, inner_clip=1e9, inner_grad=inner_grad)
     fast = focusft.init_fast_weights(model, cfg, gen())
     g = gen(5)
     fast = {i: {n: (A, 0.1 * torch.randn(B.shape, generator=g)) for n, (A, B) in layer.items()}
