@@ -97,7 +97,7 @@ class Engine:
                                                  self.focus_cfg, g, steps=1)
                 outs += self.model.generate([ids], max_new_tokens, stop_ids=stop, pad_id=pad,
                                             prefill_chunk=self.prefill_chunk, fast_weights=fw,
-                                            fast_scale=self.focus_cfg.lora_alpha / self.focus_cfg.lora_rank)
+                                            fast_scale=self.focus_cfg.fast_scale)
         return [self.tok.decode(o, skip_special_tokens=True) for o in outs]
 
 
