@@ -2,8 +2,8 @@
 Benchmark data.py: load + validate + render + encode + mask N agentic conversations of ~4K tokens
 with the real Qwen2.5 tokenizer (../shared/qwen2.5-tokenizer, or --tokenizer DIR).
 
-    python bench/bench_data.py                      # 3,000 conversations of ~4K tokens
-    python bench/bench_data.py --n 300 --repeat 3
+    python -m bench.bench_data                      # 3,000 conversations of ~4K tokens
+    python -m bench.bench_data --n 300 --repeat 3
 
 Target (issue): 3,000 x ~4K tokens in <= 30 s on a 2-core CPU. The conversations are synthetic but
 shaped like real agentic data: system prompt, two tool schemas, a user request, several assistant
@@ -20,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
+import data
 
 TOOLS = [
     {"type": "function", "function": {

@@ -2,10 +2,10 @@
 Benchmark one optimizer step of the four methods (focusft.py) and of the naive authors'-style step
 (tests/reference.py), side by side, with and without activation checkpointing.
 
-    python bench/bench_method.py                     # the issue's setting (a few minutes on 2 cores)
-    python bench/bench_method.py --vocab 152064      # the real Qwen2.5 vocabulary
-    python bench/bench_method.py --keep-freed-memory # no page-fault churn (see keep_freed_memory)
-    python bench/bench_method.py --repeat 3 --no-memory
+    python -m bench.bench_method                     # the issue's setting (a few minutes on 2 cores)
+    python -m bench.bench_method --vocab 152064      # the real Qwen2.5 vocabulary
+    python -m bench.bench_method --keep-freed-memory # no page-fault churn (see keep_freed_memory)
+    python -m bench.bench_method --repeat 3 --no-memory
 
 The model is a CPU-sized random Qwen2 proportioned like Qwen2.5-7B at 4K tokens, so that the cost
 ratios of the paper's setting carry over:
@@ -47,13 +47,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
-import focusft  # noqa: E402
-from focusft import FocusConfig  # noqa: E402
-from model import Qwen2, Qwen2Config  # noqa: E402
-from reference import naive_focusft_loss  # noqa: E402
+import focusft
+from focusft import FocusConfig
+from model import Qwen2, Qwen2Config
+from tests.reference import naive_focusft_loss
 
 METHODS = ["sft", "sft-bidir", "causal-bilevel", "focusft", "focusft-vjp", "naive-focusft"]
 
@@ -260,7 +258,7 @@ def main():
     inner = FocusConfig().inner_steps * 2 * frac
     ideal, ideal_ckpt = (3 + inner) / 3, (4 - frac + inner) / 4
     print()
-    print(f"command: python bench/bench_method.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"command: python -m bench.bench_method {' '.join(sys.argv[1:])}".rstrip())
     print()
     print(f"| method | ckpt | s/step (median of {args.repeat}) | min | vs sft | CPU s/step | CPU vs sft | peak mem |")
     print("|---|---|---|---|---|---|---|---|")

@@ -11,8 +11,8 @@ Measures, with the SAME weights in both models:
 Not a test: numbers depend on the machine and on whatever else runs on it. transformers is needed
 here (it is the reference) but never by model.py.
 
-    python bench/bench_model.py                      # defaults: hidden 512, 8 layers, vocab 32000, seq 1024
-    python bench/bench_model.py --layers 2 --seq 256 --gen-new 16 --long-prompt 4096   # quick look
+    python -m bench.bench_model                      # defaults: hidden 512, 8 layers, vocab 32000, seq 1024
+    python -m bench.bench_model --layers 2 --seq 256 --gen-new 16 --long-prompt 4096   # quick look
 """
 
 import argparse
@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import model as M  # noqa: E402
+import model as M
 
 
 def parse_args():

@@ -5,9 +5,9 @@ no_sync on accumulation micro-steps, gradient clipping, AdamW with train.py's we
 and its cosine LambdaLR. Reports tokens/s of SFT and FocuSFT, with and without activation
 checkpointing.
 
-    python bench/bench_train.py                       # the setting (several minutes on 2 cores)
-    python bench/bench_train.py --repeat 5 --grad-accum 4 --methods sft,sft-bidir,focusft
-    python bench/bench_train.py --threads 1           # on shared cores: see the NOTE below
+    python -m bench.bench_train                       # the setting (several minutes on 2 cores)
+    python -m bench.bench_train --repeat 5 --grad-accum 4 --methods sft,sft-bidir,focusft
+    python -m bench.bench_train --threads 1           # on shared cores: see the NOTE below
 
 NOTE: with 2 threads on 2 cores that other jobs also use, a step's time is bimodal (2.6 s or 49 s
 for the same SFT step here): an OpenMP team with one thread descheduled waits for it at every
@@ -38,12 +38,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-import train  # noqa: E402
-from bench_method import synthetic_batch  # noqa: E402
-from model import Qwen2, Qwen2Config  # noqa: E402
+import train
+from bench.bench_method import synthetic_batch
+from model import Qwen2, Qwen2Config
 
 
 def optimizer_step(step_module, model, optimizer, scheduler, batches, generator, cfg: train.TrainConfig):
@@ -164,7 +162,7 @@ def main():
     med = {v: statistics.median(t) for v, t in times.items()}
     low = {v: min(t) for v, t in times.items()}
     print()
-    print(f"command: python bench/bench_train.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"command: python -m bench.bench_train {' '.join(sys.argv[1:])}".rstrip())
     print()
     print(f"| method | ckpt | s/step (median of {args.repeat}) | tokens/s | time vs sft | min s/step | min vs sft |")
     print("|---|---|---|---|---|---|---|")

@@ -1,7 +1,7 @@
 """
 Generate the bundled agentic dataset: examples/agentic.jsonl (train) and examples/agentic-heldout.jsonl.
 
-    python examples/make_agentic.py            # fixed seed: rerunning rewrites identical files
+    python -m examples.make_agentic            # fixed seed: rerunning rewrites identical files
 
 The task is a needle-in-a-haystack in agentic form. The user asks for the office city and the
 shift of one person; the assistant calls `roster(team)` (one or two teams) and `shifts(day)`,
@@ -27,11 +27,9 @@ import argparse
 import json
 import random
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
+import data
 
 # The tools are described in the system prompt rather than as a "tools" list: the template's tools
 # block is ~700 identical bytes per conversation, which would double the demo's training cost.

@@ -11,13 +11,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
+import data
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-QWEN_DIR = SHARED / "qwen2.5-tokenizer"
-needs_shared = pytest.mark.skipif(not (QWEN_DIR / "tokenizer.json").is_file(),
-                                  reason=f"real Qwen2.5 tokenizer not found at {QWEN_DIR} (../shared is absent)")
+import conftest
+from conftest import qwen_tokenizer_dir
 
 # -----------------------------------------------------------------------------
 # A varied set of conversations
@@ -96,21 +93,34 @@ def supervised_by_offsets(text, offsets, spans):
 @pytest.fixture(scope="module")
 def hf_tok():
     transformers = pytest.importorskip("transformers", reason="transformers is the oracle for the chat template")
-    if not (QWEN_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"real Qwen2.5 tokenizer not found at {QWEN_DIR} (../shared is absent)")
-    return transformers.AutoTokenizer.from_pretrained(str(QWEN_DIR))
+    return transformers.AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir()))
 
 
 @pytest.fixture(scope="module")
 def qwen():
-    if not (QWEN_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"real Qwen2.5 tokenizer not found at {QWEN_DIR} (../shared is absent)")
-    return data.load_tokenizer(QWEN_DIR)
+    return data.load_tokenizer(qwen_tokenizer_dir())
 
 
-@needs_shared
+def test_real_tokenizer_found_in_the_hub_cache_without_shared(tmp_path, monkeypatch):
+    """Without ../shared the tests take the real tokenizer from the Hugging Face hub cache."""
+    src = qwen_tokenizer_dir()
+    files = {f: (src / f).read_bytes() for f in conftest.QWEN_TOKENIZER_FILES}
+    conftest.make_hub_cache(tmp_path / "hub", conftest.QWEN_TOKENIZER_REPO, files)
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(conftest, "SHARED", tmp_path / "no-shared")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    found, why = conftest._qwen_tokenizer_dir.__wrapped__()
+    assert found is not None, why
+    assert found.is_relative_to(tmp_path / "hub")
+    assert data.load_tokenizer(found).encode("Hello") == data.load_tokenizer(src).encode("Hello")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    found, why = conftest._qwen_tokenizer_dir.__wrapped__()
+    assert found is None and "LocalEntryNotFound" in why  # offline, not cached: a reason, no network wait
+
+
 def test_template_constant_is_the_released_one():
-    config = json.loads((QWEN_DIR / "tokenizer_config.json").read_text())
+    config = json.loads((qwen_tokenizer_dir() / "tokenizer_config.json").read_text())
     assert data.QWEN25_CHAT_TEMPLATE == config["chat_template"]
 
 
@@ -253,7 +263,6 @@ def test_byte_tokenizer():
     assert set(data._byte_alphabet()) == set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
 
 
-@needs_shared
 def test_load_real_tokenizer(qwen):
     assert (qwen.eos_token_id, qwen.pad_token_id) == (151645, 151643)
     assert qwen.default_system == data.INSTRUCT_SYSTEM
@@ -282,9 +291,7 @@ def test_load_tokenizer_base_variant_and_errors(tmp_path):
 @pytest.mark.parametrize("which", ["byte", "qwen"])
 def test_files_load_in_transformers_and_round_trip(tmp_path, which):
     transformers = pytest.importorskip("transformers", reason="transformers is the oracle for saved tokenizers")
-    if which == "qwen" and not (QWEN_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"real Qwen2.5 tokenizer not found at {QWEN_DIR} (../shared is absent)")
-    tok = data.byte_tokenizer() if which == "byte" else data.load_tokenizer(QWEN_DIR)
+    tok = data.byte_tokenizer() if which == "byte" else data.load_tokenizer(qwen_tokenizer_dir())
     for name, content in tok.files().items():
         (tmp_path / name).write_text(content, encoding="utf-8")
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
@@ -524,8 +531,8 @@ def test_epoch_batches_deterministic_and_grouped():
 
 
 def test_bundled_dataset_is_reproducible_and_consistent(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "make_agentic.py"), "--out-dir", str(tmp_path)],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "examples.make_agentic", "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     for name in ("agentic.jsonl", "agentic-heldout.jsonl"):
         assert (tmp_path / name).read_bytes() == (ROOT / "examples" / name).read_bytes(), f"{name} is stale"

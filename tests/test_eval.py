@@ -15,20 +15,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-sys.path.insert(0, str(ROOT))
-
-import eval as ev  # noqa: E402
+import eval as ev
+from conftest import ROOT, qwen_tokenizer_dir, shared_file
 
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-
-
-def needs_shared(rel):
-    p = SHARED / rel
-    if not p.exists():
-        pytest.skip(f"{p} not found: the shared reference material (../shared) is not beside this checkout")
-    return p
 
 
 # -----------------------------------------------------------------------------
@@ -181,7 +171,7 @@ def test_ruler_postprocess():
 def qwen():
     pytest.importorskip("wonderwords", reason="RULER's word lists: pip install -r requirements.txt")
     data = pytest.importorskip("data")
-    tok = data.load_tokenizer(needs_shared("qwen2.5-tokenizer"))
+    tok = data.load_tokenizer(qwen_tokenizer_dir())
 
     def count(text):
         return len(tok.encode(text))
@@ -193,7 +183,7 @@ def qwen():
 
 @pytest.fixture(scope="module")
 def essay():
-    return needs_shared("haystack/paul_graham_essays.txt").read_text(encoding="utf-8")
+    return shared_file("haystack/paul_graham_essays.txt").read_text(encoding="utf-8")
 
 
 def check_lengths(samples, count, target, budget):

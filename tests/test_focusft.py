@@ -15,21 +15,16 @@ weights themselves stay fp32, as in training). Run: python -m pytest tests/test_
 """
 
 import math
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
-import focusft  # noqa: E402
-from focusft import FocusConfig  # noqa: E402
-from model import Qwen2, Qwen2Config  # noqa: E402
-from reference import full_logits_loss, naive_focusft_loss  # noqa: E402
+import focusft
+from focusft import FocusConfig
+from model import Qwen2, Qwen2Config
+from reference import full_logits_loss, naive_focusft_loss
 
 torch.set_num_threads(min(2, torch.get_num_threads()))  # the CI box has 2 cores; don't oversubscribe
 

@@ -21,10 +21,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import model as M  # noqa: E402
-from model import ModelError, Qwen2, Qwen2Config  # noqa: E402
+import model as M
+from model import ModelError, Qwen2, Qwen2Config
 
 ATOL = 1e-4  # fp32 logits: ours vs HF
 

@@ -34,12 +34,11 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import data  # noqa: E402
-import focusft  # noqa: E402
-import train  # noqa: E402
-from model import TINY, ModelError, Qwen2, Qwen2Config  # noqa: E402
+import data
+import focusft
+import train
+from model import TINY, ModelError, Qwen2, Qwen2Config
 
 # Each subprocess gets one thread: the CI box has 2 cores, and torchrun starts 2 processes.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
