@@ -1,11 +1,13 @@
 """
-Benchmark one optimizer step of the four methods (focusft.py) and of the naive authors'-style step
-(tests/reference.py), side by side, with and without activation checkpointing.
+Benchmark one optimizer step of the four methods (focusft.py), of the previous FocuSFT code path
+and of the naive authors'-style step (tests/reference.py), side by side, with and without
+activation checkpointing; and the inner loop alone, before (whole adapted stack in one torch.func
+transform) and after (layers recomputed one at a time).
 
-    python -m bench.bench_method                     # the issue's setting (a few minutes on 2 cores)
-    python -m bench.bench_method --vocab 152064      # the real Qwen2.5 vocabulary
-    python -m bench.bench_method --keep-freed-memory # no page-fault churn (see keep_freed_memory)
-    python -m bench.bench_method --repeat 3 --no-memory
+    python -m bench.bench_method --threads 1          # the 7B-at-4K proportions (several minutes on 2 cores)
+    python -m bench.bench_method --vocab 152064       # the real Qwen2.5 vocabulary
+    python -m bench.bench_method --keep-freed-memory  # no page-fault churn (see keep_freed_memory)
+    python -m bench.bench_method --repeat 3 --no-memory --methods sft,focusft --ckpt on
 
 The model is a CPU-sized random Qwen2 proportioned like Qwen2.5-7B at 4K tokens, so that the cost
 ratios of the paper's setting carry over:
@@ -21,21 +23,29 @@ ratios of the paper's setting carry over:
   * 512 tokens in several turns: a system+user block, then `--turns` assistant replies separated by
     tool outputs, 25 % of the tokens supervised.
 
-Each step is: zero_grad, loss, backward, torch.optim.AdamW step, in fp32 with batch 1. The variants
-are timed interleaved (one step of each, round robin, `--repeat` rounds after `--warmup` rounds) and
-the median is reported, because the 2 CPU cores of this machine are shared with other jobs. Wall
-time is the measure; the CPU time of the process is printed beside it as a check that is less
-sensitive to other jobs (with `--threads 1` the two agree on an idle machine).
+Step variants: each step is zero_grad, loss, backward, torch.optim.AdamW step, in fp32 with batch 1.
+`focusft` uses torch.func.grad (the default), `focusft-vjp` FocusConfig(inner_grad="vjp");
+with checkpointing on both checkpoint every layer of the outer pass and recompute the adapted layers
+one at a time in the inner loop. `focusft-prev` (checkpointing on only) is the code path before
+that: the inner loop differentiates the whole adapted stack in one transform (keeping all its
+activations) and the outer pass does not checkpoint the adapted layers. `naive-focusft` is
+tests/reference.py: every inner step reruns the whole model with full-vocabulary logits.
 
-Peak memory: what forward + backward allocate above the weights, gradients and AdamW state, i.e.
-activations and temporaries (the rest is the same for every method): torch.cuda.max_memory_allocated
-on CUDA; on CPU, which has no allocator counter, a separate untimed step runs under
-torch.profiler(profile_memory=True) and the peak of the running sum of its allocation records is
-reported.
+Inner-loop variants: focusft.inner_loop alone (k = 2, fresh fast weights each call) on the same
+batch, whole stack vs layer by layer, torch.func.grad vs vjp, beside one no_grad forward of the
+adapted layers: what the layer-by-layer path pays per inner step, ideally, for recomputing.
 
-In FLOPs, an inner step of FocuSFT is a forward plus an activation-gradient backward through the top
-35 % of the layers (the bottom layers run once and are shared): about a quarter of an SFT step, so
-k=2 adds about half. The script prints that ideal ratio under the table.
+All variants are timed interleaved (one call of each, round robin, order alternating, `--repeat`
+rounds after `--warmup` rounds) and the median is reported, because the 2 CPU cores of this
+machine are shared with other jobs. Wall time is the measure; the CPU time of the process is
+printed beside it as a check that is less sensitive to other jobs (with `--threads 1` the two agree
+on an idle machine).
+
+Peak memory: what a variant allocates above what is live when it starts, i.e. activations and
+temporaries (weights, gradients and AdamW state are the same for every method and are excluded):
+torch.cuda.max_memory_allocated on CUDA; on CPU, which has no allocator counter, a separate untimed
+call runs under torch.profiler(profile_memory=True) and the peak of the running sum of its
+allocation records is reported.
 """
 
 import argparse
@@ -53,7 +63,8 @@ from focusft import FocusConfig
 from model import Qwen2, Qwen2Config
 from tests.reference import naive_focusft_loss
 
-METHODS = ["sft", "sft-bidir", "causal-bilevel", "focusft", "focusft-vjp", "naive-focusft"]
+METHODS = ["sft", "sft-bidir", "causal-bilevel", "focusft", "focusft-vjp", "focusft-prev", "naive-focusft"]
+INNER = ["whole-stack", "whole-stack-vjp", "by-layer", "by-layer-vjp"]  # inner_loop alone
 
 
 def synthetic_batch(seq: int, vocab: int, supervised: float, turns: int, device, seed: int = 0):
@@ -100,19 +111,56 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def previous_focusft_loss(model, batch, cfg, generator):
+    """FocuSFT as focusft.py computed it before the inner loop recomputed layers: the inner loop
+    differentiates the whole adapted stack in one transform, and the outer pass checkpoints only the
+    layers below the adapted ones (the same loss and gradients)."""
+    h, rope, mask, sel, targets = focusft.step_inputs(model, batch, cfg)
+    layers = focusft.adapted_layers(model, cfg)
+    h_bottom = model.run_layers(h, rope, mask, 0, layers.start)
+    fast = focusft.init_fast_weights(model, cfg, generator)
+    with focusft.activation_checkpointing_off(model):
+        fast, _ = focusft.inner_loop(model, h_bottom.detach(), rope, mask, sel, targets, fast, cfg)
+        h = model.run_layers(h_bottom, rope, mask, layers.start, layers.stop, fast, cfg.fast_scale)
+    return focusft.response_loss(model, h, sel, targets, cfg.loss_chunk)
+
+
 def make_loss_fn(model, batch, method, generator):
     if method == "naive-focusft":
         cfg = FocusConfig(method="focusft")
+        return lambda: naive_focusft_loss(model, batch, cfg, generator)[0]
+    if method == "focusft-prev":
+        return lambda: previous_focusft_loss(model, batch, FocusConfig(), generator)
+    cfg = FocusConfig(method="focusft", inner_grad="vjp") if method == "focusft-vjp" else FocusConfig(method=method)
+    return lambda: focusft.focusft_loss(model, batch, cfg, generator)[0]
 
-        def loss_fn():
-            return naive_focusft_loss(model, batch, cfg, generator)[0]
-    else:  # "focusft-vjp": FocuSFT with FocusConfig(inner_grad="vjp") instead of torch.func.grad
-        cfg = FocusConfig(method="focusft", inner_grad="vjp") if method == "focusft-vjp" else FocusConfig(method=method)
 
-        def loss_fn():
-            return focusft.focusft_loss(model, batch, cfg, generator)[0]
+def make_inner_fn(model, batch, name, generator):
+    """focusft.inner_loop alone on the batch: "whole-stack" with checkpointing off, "by-layer" on;
+    "-vjp" with FocusConfig(inner_grad="vjp"). The bottom layers run once, here."""
+    cfg = FocusConfig(inner_grad="vjp" if name.endswith("-vjp") else "grad")
+    with torch.no_grad():
+        h, rope, mask, sel, targets = focusft.step_inputs(model, batch, cfg)
+        h_bottom = model.run_layers(h, rope, mask, 0, focusft.adapted_layers(model, cfg).start)
 
-    return loss_fn
+    def inner():
+        fast = focusft.init_fast_weights(model, cfg, generator)
+        return focusft.inner_loop(model, h_bottom, rope, mask, sel, targets, fast, cfg)
+
+    return inner, (h_bottom, rope, mask, cfg)
+
+
+def make_forward_fn(model, pieces):
+    """One no_grad forward of the adapted layers (B = 0 fast weights): the recomputation's cost."""
+    h_bottom, rope, mask, cfg = pieces
+    layers = focusft.adapted_layers(model, cfg)
+
+    @torch.no_grad()
+    def forward():
+        fast = focusft.init_fast_weights(model, cfg, None)
+        return model.run_layers(h_bottom, rope, mask, layers.start, layers.stop, fast, cfg.fast_scale)
+
+    return forward
 
 
 def make_step(opt, loss_fn):
@@ -141,31 +189,32 @@ def cpu_peak_bytes(fn):
     return peak
 
 
-def peak_memory(loss_fn, model, device):
+def peak_bytes(fn, device):
+    """Peak bytes fn allocates above those live when it starts."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        return cpu_peak_bytes(fn)
+    except AttributeError:  # a torch without kineto_results: report n/a rather than fail
+        return None
+
+
+def step_peak_memory(loss_fn, model, device):
     """Peak bytes of one forward + backward above the weights, their gradients and the AdamW state:
     the activations and temporaries. (Gradients are the same for every method, and so is what the
     AdamW step allocates.)"""
     if any(p.grad is None for p in model.parameters()):
         loss_fn().backward()
     model.zero_grad(set_to_none=False)  # keep the gradient buffers: backward accumulates into them
-
-    def fwd_bwd():
-        loss_fn().backward()
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fwd_bwd()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    try:
-        return cpu_peak_bytes(fwd_bwd)
-    except AttributeError:  # a torch without kineto_results: report n/a rather than fail
-        return None
+    return peak_bytes(lambda: loss_fn().backward(), device)
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--hidden", type=int, default=448)
@@ -176,11 +225,12 @@ def main():
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--supervised", type=float, default=0.25, help="fraction of supervised tokens")
     p.add_argument("--turns", type=int, default=4, help="assistant replies (response runs)")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help="step variants")
+    p.add_argument("--inner", default=",".join(INNER), help="inner-loop variants ('' for none)")
     p.add_argument("--ckpt", choices=["both", "on", "off"], default="both")
     p.add_argument("--repeat", type=int, default=5, help="timed rounds; the median is reported")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory step")
+    p.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -188,18 +238,131 @@ def main():
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="CPU: glibc mallopt so that freed memory is reused instead of page-faulted in again")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.keep_freed_memory and not keep_freed_memory():
         p.error("--keep-freed-memory needs glibc (Linux)")
+    for name, allowed in ((args.methods, METHODS), (args.inner, INNER)):
+        for m in filter(None, name.split(",")):
+            if m not in allowed:
+                p.error(f"unknown variant {m!r}; choose from {', '.join(allowed)}")
+    return args
+
+
+def build_cases(args, model, opt, batch, generator):
+    """name -> (checkpointing on?, function to time, function whose peak memory to measure)."""
+    ckpts = {"both": [False, True], "on": [True], "off": [False]}[args.ckpt]
+    cases = {}
+    for c in ckpts:
+        for m in filter(None, args.methods.split(",")):
+            if m == "focusft-prev" and not c:
+                continue  # without checkpointing the previous code path is today's
+            loss_fn = make_loss_fn(model, batch, m, generator)
+            cases[("step", m, c)] = (c, make_step(opt, loss_fn),
+                                     lambda loss_fn=loss_fn: step_peak_memory(loss_fn, model, batch["input_ids"].device))
+    for name in filter(None, args.inner.split(",")):
+        inner, pieces = make_inner_fn(model, batch, name, generator)
+        c = name.startswith("by-layer")
+        cases[("inner", name, c)] = (c, inner, lambda inner=inner: peak_bytes(inner, batch["input_ids"].device))
+    if args.inner:
+        forward = make_forward_fn(model, pieces)
+        cases[("inner", "forward", False)] = (False, forward, lambda: peak_bytes(forward, batch["input_ids"].device))
+    return cases
+
+
+def time_cases(cases, args, device, model):
+    """Round robin over the cases, order alternating -> ({case: [wall s]}, {case: [CPU s]})."""
+    def run(case):
+        model.gradient_checkpointing = cases[case][0]
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        cases[case][1]()
+        sync(device)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    for _ in range(args.warmup):
+        for case in cases:
+            run(case)
+    wall, cpu = {case: [] for case in cases}, {case: [] for case in cases}
+    order = list(cases)
+    for r in range(args.repeat):
+        for case in order if r % 2 == 0 else order[::-1]:  # alternate the order: no fixed neighbour
+            w, c = run(case)
+            wall[case].append(w)
+            cpu[case].append(c)
+        print(f"round {r + 1}/{args.repeat} (s): " + ", ".join(
+            f"{name}{'+ckpt' if c else ''} {wall[(kind, name, c)][-1]:.2f}" for kind, name, c in order), flush=True)
+    return wall, cpu
+
+
+def report_steps(cases, wall, cpu, peaks, args, frac, k):
+    med = {case: statistics.median(t) for case, t in wall.items()}
+    med_cpu = {case: statistics.median(t) for case, t in cpu.items()}
+    print(f"| method | ckpt | s/step (median of {args.repeat}) | min | vs sft | CPU s/step | CPU vs sft | peak mem |")
+    print("|---|---|---|---|---|---|---|---|")
+    for case in cases:
+        kind, m, c = case
+        if kind != "step":
+            continue
+        base, base_cpu = med.get(("step", "sft", c)), med_cpu.get(("step", "sft", c))
+        ratio = f"{med[case] / base:.2f}x" if base else "n/a"
+        ratio_cpu = f"{med_cpu[case] / base_cpu:.2f}x" if base_cpu else "n/a"
+        mem = f"{peaks[case] / 2**20:.0f} MiB" if peaks.get(case) is not None else "n/a"
+        print(f"| {m} | {'on' if c else 'off'} | {med[case]:.2f} | {min(wall[case]):.2f} | {ratio} "
+              f"| {med_cpu[case]:.2f} | {ratio_cpu} | {mem} |")
+    # In units of one forward of the whole model: an SFT step is 3 (forward, backward = 2 forwards),
+    # 4 with checkpointing (+ the recompute). An inner step adds a forward and an activation-gradient
+    # backward of the adapted layers, 2 * frac, and with checkpointing a recompute of them, + frac.
+    print()
+    print(f"ideal FocuSFT / SFT from FLOPs: {(3 + 2 * k * frac) / 3:.2f}x without checkpointing, "
+          f"{(4 + 3 * k * frac) / 4:.2f}x with it (previous code path: {(4 - frac + 2 * k * frac) / 4:.2f}x)")
+    for c, goal in ((False, 1.6), (True, 1.5)):
+        f, sft, naive = ("step", "focusft", c), ("step", "sft", c), ("step", "naive-focusft", c)
+        if f in med and sft in med:
+            r = med[f] / med[sft]
+            print(f"goal FocuSFT / SFT <= {goal}x ({'with' if c else 'without'} checkpointing): "
+                  f"{r:.2f}x {'PASS' if r <= goal else 'MISS'}")
+        if f in med and naive in med:
+            r = med[f] / med[naive]
+            print(f"goal FocuSFT / naive <= 0.8x ({'with' if c else 'without'} checkpointing): "
+                  f"{r:.2f}x {'PASS' if r <= 0.8 else 'MISS'}")
+    if ("step", "focusft-prev", True) in med and ("step", "focusft", True) in med:
+        new, prev = ("step", "focusft", True), ("step", "focusft-prev", True)
+        mem = (f", peak memory {peaks[new] / 2**20:.0f} vs {peaks[prev] / 2**20:.0f} MiB"
+               if peaks.get(new) and peaks.get(prev) else "")
+        print(f"FocuSFT with checkpointing, this code vs the previous path: {med[new] / med[prev]:.2f}x time{mem}")
+
+
+def report_inner(cases, wall, peaks, args, k):
+    med = {case: statistics.median(t) for case, t in wall.items() if case[0] == "inner"}
+    if not med:
+        return
+    fwd = med.pop(("inner", "forward", False))
+    print()
+    print(f"inner loop alone (k = {k}; median of {args.repeat}):")
+    print("| path | inner grad | s | vs whole stack | peak mem | vs whole stack |")
+    print("|---|---|---|---|---|---|")
+    for case, t in med.items():
+        name = case[1]
+        how = "vjp" if name.endswith("-vjp") else "grad"
+        ref = ("inner", "whole-stack" + ("-vjp" if how == "vjp" else ""), False)
+        r = f"{t / med[ref]:.2f}x" if ref in med else "n/a"
+        mem = f"{peaks[case] / 2**20:.0f} MiB" if peaks.get(case) is not None else "n/a"
+        rm = f"{peaks[case] / peaks[ref]:.2f}x" if peaks.get(case) and peaks.get(ref) else "n/a"
+        print(f"| {name.removesuffix('-vjp')} | {how} | {t:.3f} | {r} | {mem} | {rm} |")
+    print(f"one no_grad forward of the adapted layers: {fwd:.3f} s")
+    for how in ("", "-vjp"):
+        a, b = ("inner", "by-layer" + how, True), ("inner", "whole-stack" + how, False)
+        if a in med and b in med:
+            extra = (med[a] - med[b]) / k
+            print(f"recomputation cost ({'vjp' if how else 'grad'}): {extra:+.3f} s per inner step "
+                  f"= {extra / fwd:.2f} forwards of the adapted layers (ideal 1.00)")
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    methods = args.methods.split(",")
-    for m in methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    ckpts = {"both": [False, True], "on": [True], "off": [False]}[args.ckpt]
-
     torch.manual_seed(args.seed)
     cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -211,80 +374,32 @@ def main():
     generator = torch.Generator(device=device).manual_seed(1234)
     n_params = sum(p.numel() for p in model.parameters())
     layers = focusft.adapted_layers(model, FocusConfig())
+    k, frac = FocusConfig().inner_steps, len(layers) / args.layers
     print(f"model: {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
           f"{args.heads} heads / {args.kv_heads} KV, vocab {args.vocab}: {n_params / 1e6:.1f}M params, "
           f"{args.dtype} on {device} ({torch.get_num_threads()} threads"
           f"{', glibc keeps freed memory' if args.keep_freed_memory else ''})")
     print(f"batch: 1 x {args.seq} tokens, {int(batch['loss_mask'].sum())} supervised, runs (loss, length): {runs}")
-    print(f"adapted layers {layers.start}..{layers.stop - 1}; k = {FocusConfig().inner_steps}")
+    print(f"adapted layers {layers.start}..{layers.stop - 1}; k = {k}")
 
-    variants = [(m, c) for c in ckpts for m in methods]
-    loss_fns = {v: make_loss_fn(model, batch, v[0], generator) for v in variants}
-    steps = {v: make_step(opt, loss_fns[v]) for v in variants}
-
-    def run(v):  # -> (wall seconds, CPU seconds of this process, all threads)
-        model.gradient_checkpointing = v[1]
-        sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        steps[v]()
-        sync(device)
-        return time.perf_counter() - t0, time.process_time() - c0
-
-    for _ in range(args.warmup):
-        for v in variants:
-            run(v)
-    times = {v: [] for v in variants}
-    cpu = {v: [] for v in variants}
-    for r in range(args.repeat):
-        order = variants if r % 2 == 0 else variants[::-1]  # alternate the order: no fixed neighbour
-        for v in order:
-            wall, c = run(v)
-            times[v].append(wall)
-            cpu[v].append(c)
-        print(f"round {r + 1}/{args.repeat} (s): " + ", ".join(f"{m}{'+ckpt' if c else ''} {times[(m, c)][-1]:.2f}"
-                                                                for m, c in variants), flush=True)
+    cases = build_cases(args, model, opt, batch, generator)
+    wall, cpu = time_cases(cases, args, device, model)
     peaks = {}
     if not args.no_memory:
-        for v in variants:
-            model.gradient_checkpointing = v[1]
-            peaks[v] = peak_memory(loss_fns[v], model, device)
+        for case, (c, _, measure) in cases.items():
+            model.gradient_checkpointing = c
+            peaks[case] = measure()
 
-    med = {v: statistics.median(t) for v, t in times.items()}
-    med_cpu = {v: statistics.median(t) for v, t in cpu.items()}
-    # In units of one forward: an SFT step is 3 (forward, backward = 2 forwards), 4 with checkpointing
-    # (+ the recompute). An inner step adds a forward and an activation-gradient backward of the top
-    # layers: 2 * frac. With checkpointing FocuSFT does not recompute the top layers (focusft.py).
-    frac = (layers.stop - layers.start) / args.layers
-    inner = FocusConfig().inner_steps * 2 * frac
-    ideal, ideal_ckpt = (3 + inner) / 3, (4 - frac + inner) / 4
     print()
     print(f"command: python -m bench.bench_method {' '.join(sys.argv[1:])}".rstrip())
     print()
-    print(f"| method | ckpt | s/step (median of {args.repeat}) | min | vs sft | CPU s/step | CPU vs sft | peak mem |")
-    print("|---|---|---|---|---|---|---|---|")
-    for m, c in variants:
-        base, base_cpu = med.get(("sft", c)), med_cpu.get(("sft", c))
-        ratio = f"{med[(m, c)] / base:.2f}x" if base else "n/a"
-        ratio_cpu = f"{med_cpu[(m, c)] / base_cpu:.2f}x" if base_cpu else "n/a"
-        mem = f"{peaks[(m, c)] / 2**20:.0f} MiB" if peaks.get((m, c)) is not None else "n/a"
-        print(f"| {m} | {'on' if c else 'off'} | {med[(m, c)]:.2f} | {min(times[(m, c)]):.2f} | {ratio} "
-              f"| {med_cpu[(m, c)]:.2f} | {ratio_cpu} | {mem} |")
-    print()
-    print(f"ideal FocuSFT / SFT from FLOPs: {ideal:.2f}x without checkpointing, {ideal_ckpt:.2f}x with it")
-    for c, goal in ((False, 1.6), (True, 1.5)):
-        if ("focusft", c) in med and ("sft", c) in med:
-            r = med[("focusft", c)] / med[("sft", c)]
-            print(f"goal FocuSFT / SFT <= {goal}x ({'with' if c else 'without'} checkpointing): "
-                  f"{r:.2f}x {'PASS' if r <= goal else 'MISS'}")
-        if ("focusft", c) in med and ("naive-focusft", c) in med:
-            r = med[("focusft", c)] / med[("naive-focusft", c)]
-            print(f"goal FocuSFT / naive <= 0.8x ({'with' if c else 'without'} checkpointing): "
-                  f"{r:.2f}x {'PASS' if r <= 0.8 else 'MISS'}")
+    report_steps(cases, wall, cpu, peaks, args, frac, k)
+    report_inner(cases, wall, peaks, args, k)
     print("s/step: wall clock; CPU s/step: CPU time of this process (all threads), less sensitive to other jobs")
     if peaks:
         how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler allocation records"
-        print(f"peak mem: activations and temporaries of forward + backward, i.e. above the weights, "
-              f"gradients and AdamW state ({how})")
+        print(f"peak mem: activations and temporaries above what is live at the start (weights, gradients, "
+              f"AdamW state; for the inner loop also the bottom layers' output) ({how})")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 `naive_focusft_loss` is structured like the authors' code: every inner step runs the WHOLE model
 again, takes full-vocabulary logits at every position and differentiates with plain
-torch.autograd.grad w.r.t. leaf fast-weight tensors. It must give the same loss and gradients as
-focusft.focusft_loss, which shares the bottom layers, selects supervised positions first and uses
-torch.func.grad."""
+torch.autograd.grad w.r.t. leaf fast-weight tensors, with no activation checkpointing and no
+chunking. It must give the same loss and gradients as focusft.focusft_loss, which shares the bottom
+layers, selects supervised positions first, uses torch.func (over the whole adapted stack, or
+layer by layer with recomputation) and computes the cross-entropy in chunks."""
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,7 @@ def full_logits_loss(model, batch, mask, fast=None, scale=1.0):
 def naive_inner_loop(model, batch, mask, fast, cfg):
     losses = []
     for _ in range(cfg.inner_steps):
-        leaves = {i: {n: (A.detach().requires_grad_(), B.detach().requires_grad_()) for n, (A, B) in layer.items()}
-                  for i, layer in fast.items()}
+        leaves = focusft.map_fast(lambda t: t.detach().requires_grad_(), fast)
         loss = full_logits_loss(model, batch, mask, leaves, cfg.fast_scale)
         flat = [t for layer in leaves.values() for ab in layer.values() for t in ab]
         grads = torch.autograd.grad(loss, flat)
@@ -38,8 +38,8 @@ def naive_inner_loop(model, batch, mask, fast, cfg):
             grads = [g * min(1.0, cfg.inner_clip / (total.item() + 1e-6)) for g in grads]
         else:
             grads = [g * min(1.0, cfg.inner_clip / (g.norm().item() + 1e-6)) for g in grads]
-        new = iter([t.detach() - cfg.inner_lr * g for t, g in zip(flat, grads)])
-        fast = {i: {n: (next(new), next(new)) for n in layer} for i, layer in fast.items()}
+        step = iter(cfg.inner_lr * g for g in grads)  # map_fast visits the factors in the order of `flat`
+        fast = focusft.map_fast(lambda t: t.detach() - next(step), leaves)
     return fast, torch.stack(losses)
 
 

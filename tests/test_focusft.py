@@ -3,15 +3,18 @@
   * the attention mask against a brute-force double loop written from the rule in the authors'
     code (runs of equal loss-mask value are turns; see the docstring of `brute_force_mask`), and
     against hand-drawn 6x6 matrices;
-  * the torch.func inner gradients against plain torch.autograd.grad, the clipping against
-    torch.nn.utils.clip_grad_norm_;
-  * the whole step (all four methods, with and without activation checkpointing) against
-    tests/reference.py, which recomputes everything the way the authors' code does;
+  * the torch.func inner gradients (whole stack, and recomputed layer by layer) against plain
+    torch.autograd.grad and against each other, the clipping against torch.nn.utils.clip_grad_norm_;
+  * the chunked cross-entropy against the one-piece one;
+  * the whole step (all four methods, both clipping modes, with and without activation
+    checkpointing) against tests/reference.py, which recomputes everything the way the authors'
+    code does;
   * "sft" against a plain causal next-token SFT loss written out here.
 
-The models are tiny random Qwen2s (4 layers, so layers 2..3 are adapted). Comparisons of
-gradients run in float64 so that a real mismatch cannot hide inside rounding noise (the fast
-weights themselves stay fp32, as in training). Run: python -m pytest tests/test_focusft.py
+The models are model.TINY with untied embeddings (so that a mix-up of lm_head and embed_tokens
+shows): 4 layers, so layers 2..3 are adapted. Comparisons of gradients run in float64 so that a
+real mismatch cannot hide inside rounding noise (the fast weights themselves stay fp32, as in
+training). Run: python -m pytest tests/test_focusft.py
 """
 
 import math
@@ -24,19 +27,17 @@ import torch
 import focusft
 import model as model_lib
 from focusft import FocusConfig
-from model import Qwen2, Qwen2Config
+from model import TINY, Qwen2, Qwen2Config
 from reference import full_logits_loss, naive_focusft_loss
 
 torch.set_num_threads(min(2, torch.get_num_threads()))  # the CI box has 2 cores; don't oversubscribe
 
-TINY = dict(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False,
-            torch_dtype="float32", bos_token_id=None, eos_token_id=None)
+UNTIED = {**TINY, "tie_word_embeddings": False}
 
 
-def tiny_model(dtype=torch.float64, seed=0):
+def tiny_model(dtype=torch.float64, seed=0, config=UNTIED):
     torch.manual_seed(seed)
-    model = Qwen2(Qwen2Config(**TINY))
+    model = Qwen2(Qwen2Config(**config))
     with torch.no_grad():  # move biases and norm weights off their init so that a dropped one shows
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -81,13 +82,16 @@ def flat_fast(fast):
 
 def prepare(model, batch, cfg):
     """The per-batch pieces focusft_loss builds before the inner loop (h_bottom detached)."""
-    sel, targets = focusft.supervised_positions(batch)
-    mask = focusft.step_mask(batch, cfg.bidirectional)
-    pos = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-    h = model.embed(batch["input_ids"])
-    rope = model.rope(pos, h.dtype)
+    h, rope, mask, sel, targets = focusft.step_inputs(model, batch, cfg)
     start = focusft.adapted_layers(model, cfg).start
     return model.run_layers(h, rope, mask, 0, start).detach(), rope, mask, sel, targets
+
+
+def with_nonzero_b(fast, seed=5):
+    """The same fast weights with B != 0, so that A gets a gradient too."""
+    g = gen(seed)
+    return {i: {n: (A, 0.1 * torch.randn(B.shape, generator=g)) for n, (A, B) in layer.items()}
+            for i, layer in fast.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -323,19 +327,21 @@ def clipped(g, max_norm):
     return g * min(1.0, max_norm / (g.norm().item() + 1e-6))
 
 
+INNER_PATHS = {"whole-stack": focusft.inner_grads_whole_stack, "by-layer": focusft.inner_grads_by_layer}
+
+
 @pytest.mark.parametrize("inner_grad", ["grad", "vjp"])
-def test_inner_gradients_equal_plain_autograd(inner_grad):
+@pytest.mark.parametrize("ckpt", [False, True], ids=["whole-stack", "by-layer"])
+def test_inner_gradients_equal_plain_autograd(inner_grad, ckpt):
     """One inner step with lr 1 and no clipping returns phi - grad: compare grad with autograd.grad
-    on a straightforward full forward of the model (for torch.func.grad and torch.func.vjp)."""
+    on a straightforward full forward of the model (torch.func.grad and torch.func.vjp; the whole
+    stack in one transform, and layer by layer as with activation checkpointing on)."""
     model, batch = tiny_model(), batch_from_runs(BATCH_RUNS)
-    cfg = FocusConfig(inner_steps=1, inner_lr=1.0, inner_clip=1e9, inner_grad=inner_grad)
-    fast = focusft.init_fast_weights(model, cfg, gen())
-    g = gen(5)
-    fast = {i: {n: (A, 0.1 * torch.randn(B.shape, generator=g)) for n, (A, B) in layer.items()}
-            for i, layer in fast.items()}  # B != 0, so A gets a gradient too
+    model.gradient_checkpointing = ckpt
+    cfg = FocusConfig(inner_steps=1, inner_lr=1.0, inner_clip=1e9, inner_grad=inner_grad, loss_chunk=5)
+    fast = with_nonzero_b(focusft.init_fast_weights(model, cfg, gen()))
     mask = focusft.build_mask(batch["loss_mask"], batch["attention_mask"], cfg.bidirectional)
-    leaves = {i: {n: (A.clone().requires_grad_(), B.clone().requires_grad_()) for n, (A, B) in layer.items()}
-              for i, layer in fast.items()}
+    leaves = focusft.map_fast(lambda t: t.clone().requires_grad_(), fast)
     ref_loss = full_logits_loss(model, batch, mask, leaves, cfg.fast_scale)
     ref_grads = torch.autograd.grad(ref_loss, flat_fast(leaves))
 
@@ -345,10 +351,38 @@ def test_inner_gradients_equal_plain_autograd(inner_grad):
         assert ref.norm() > 0
         torch.testing.assert_close(old - upd, ref, rtol=1e-5, atol=1e-7)
 
-    # the same step with the default clipping: each tensor's gradient clipped on its own
-    new, _ = focusft.inner_loop(model, *prepare(model, batch, cfg), fast, replace(cfg, inner_clip=0.05))
+    # the same step with clipping: each tensor's gradient clipped on its own
+    new, _ = focusft.inner_loop(model, *prepare(model, batch, cfg), fast, replace(cfg, inner_clip=0.12))
     for old, upd, ref in zip(flat_fast(fast), flat_fast(new), ref_grads):
-        torch.testing.assert_close(old - upd, clipped(ref, 0.05), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(old - upd, clipped(ref, 0.12), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("inner_grad", ["grad", "vjp"])
+def test_by_layer_recomputation_equals_the_whole_stack(inner_grad):
+    """inner_grads_by_layer (recompute each layer, chunked loss) and inner_grads_whole_stack (one
+    transform, one-piece loss) give the same gradients and loss, and inner_loop with either gives
+    the same fast weights and losses after 3 clipped steps, for both clipping modes."""
+    model, batch = tiny_model(), batch_from_runs(BATCH_RUNS)
+    cfg = FocusConfig(inner_steps=3, inner_grad=inner_grad, loss_chunk=4)
+    pieces = prepare(model, batch, cfg)
+    fast = with_nonzero_b(focusft.init_fast_weights(model, cfg, gen()))
+    with torch.no_grad():
+        out = {name: path(model, *pieces, fast, cfg) for name, path in INNER_PATHS.items()}
+    (g0, l0), (g1, l1) = out.values()
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+    for a, b in zip(flat_fast(g0), flat_fast(g1), strict=True):
+        assert a.norm() > 0
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+    for clip_mode, clip in (("per-tensor", 0.12), ("global", 0.3)):
+        cfg_clip = replace(cfg, clip_mode=clip_mode, inner_clip=clip)
+        runs = []
+        for ckpt in (False, True):
+            model.gradient_checkpointing = ckpt
+            runs.append(focusft.inner_loop(model, *pieces, fast, cfg_clip))
+        (f0, l0), (f1, l1) = runs
+        torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+        for a, b in zip(flat_fast(f0), flat_fast(f1), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8)
 
 
 def test_inner_loop_keeps_no_graph_and_no_base_grads():
@@ -367,7 +401,7 @@ def test_inner_loop_keeps_no_graph_and_no_base_grads():
 
 def test_inner_loop_lowers_the_inner_loss():
     model, batch = tiny_model(torch.float32), batch_from_runs(BATCH_RUNS)
-    cfg = FocusConfig(inner_steps=4)
+    cfg = FocusConfig(inner_steps=3)
     pieces = prepare(model, batch, cfg)
     fast0 = focusft.init_fast_weights(model, cfg, gen())
     fast, losses = focusft.inner_loop(model, *pieces, fast0, cfg)
@@ -421,14 +455,20 @@ def test_clipping_matches_clip_grad_norm(mode):
 # The whole step against the naive (authors'-style) reference
 
 
+STEP_CASES = [(m, "per-tensor") for m in focusft.METHODS] + [(m, "global") for m in ("causal-bilevel", "focusft")]
+
+
 @pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
-@pytest.mark.parametrize("method", list(focusft.METHODS))
-def test_step_matches_naive_reference(method, ckpt):
+@pytest.mark.parametrize("method,clip_mode", STEP_CASES)
+def test_step_matches_naive_reference(method, clip_mode, ckpt):
     """Loss, inner losses and every base-weight gradient equal those of a naive implementation
-    that reruns the whole model at every inner step with full-vocabulary logits."""
+    that reruns the whole model at every inner step with full-vocabulary logits. The loss runs in
+    pieces of 5 supervised positions (13 here), so the chunked paths are the ones compared."""
     model, batch = tiny_model(), batch_from_runs(BATCH_RUNS)
-    # inner gradient norms are ~0.06 in this tiny model: a clip of 0.06 cuts some tensors, not others
-    cfg = FocusConfig(method=method, inner_clip=0.06)
+    # the per-tensor inner gradient norms are 0.03-0.18 here, their global norm 0.34-0.39: these
+    # clips cut some tensors but not others, and the global norm in both steps
+    cfg = FocusConfig(method=method, clip_mode=clip_mode, inner_clip=0.12 if clip_mode == "per-tensor" else 0.3,
+                      loss_chunk=5)
     ref_loss, ref_inner = naive_focusft_loss(model, batch, cfg, gen())
     ref_loss.backward()
     want = grads_of(model)
@@ -438,7 +478,7 @@ def test_step_matches_naive_reference(method, ckpt):
     loss, stats = focusft.focusft_loss(model, batch, cfg, gen())
     loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
-    assert stats["n_targets"] == int((batch["loss_mask"][:, 1:] & batch["attention_mask"][:, 1:]).sum())
+    assert stats["n_targets"] == int((batch["loss_mask"][:, 1:] & batch["attention_mask"][:, 1:]).sum()) == 13
     if cfg.bilevel:
         assert stats["inner_losses"].shape == (cfg.inner_steps,)
         torch.testing.assert_close(stats["inner_losses"], ref_inner.to(stats["inner_losses"].dtype),
@@ -471,15 +511,87 @@ def test_left_and_right_padding_give_the_same_step(method):
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6 * g0[n].abs().max().item())
 
 
-def test_global_clip_step_matches_naive_reference():
+def test_clip_mode_matters_here():
+    """The global-clip cases of test_step_matches_naive_reference would prove nothing if the mode
+    made no difference on that batch."""
     model, batch = tiny_model(), batch_from_runs(BATCH_RUNS)
-    cfg = FocusConfig(clip_mode="global", inner_clip=0.06)  # the global norm is ~0.15 here
-    ref_loss, ref_inner = naive_focusft_loss(model, batch, cfg, gen())
-    loss, stats = focusft.focusft_loss(model, batch, cfg, gen())
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
-    torch.testing.assert_close(stats["inner_losses"], ref_inner.float(), rtol=1e-6, atol=0)
+    cfg = FocusConfig(clip_mode="global", inner_clip=0.3)
+    loss, _ = focusft.focusft_loss(model, batch, cfg, gen())
     per_tensor, _ = focusft.focusft_loss(model, batch, replace(cfg, clip_mode="per-tensor"), gen())
-    assert not torch.allclose(per_tensor, loss, rtol=1e-6, atol=0)  # the mode matters here
+    assert not torch.allclose(per_tensor, loss, rtol=1e-6, atol=0)
+
+
+def test_chunked_loss_equals_one_piece():
+    """Eq. 4 in checkpointed pieces of 4 positions (13 targets: 4 pieces) vs in one piece: the same
+    loss and gradients w.r.t. h and every parameter; and the inner loop's chunked dL/dh
+    (response_loss_grad) vs autograd of the one-piece loss."""
+    model, batch = tiny_model(), batch_from_runs(BATCH_RUNS)
+    h, rope, mask, sel, targets = focusft.step_inputs(model, batch, FocusConfig())
+    h = model.run_layers(h, rope, mask)
+    wrt = [h] + list(model.parameters())
+    one = focusft.response_loss(model, h, sel, targets, chunk=None)
+    want = torch.autograd.grad(one, wrt, retain_graph=True)
+    chunked = focusft.response_loss(model, h, sel, targets, chunk=4)
+    got = torch.autograd.grad(chunked, wrt)
+    torch.testing.assert_close(chunked, one, rtol=1e-6, atol=0)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7 * w.abs().max().item())
+    with torch.no_grad():
+        loss, g_h = focusft.response_loss_grad(model, h.detach(), sel, targets, FocusConfig(loss_chunk=4))
+    torch.testing.assert_close(loss, one.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(g_h, want[0], rtol=1e-6, atol=1e-9)
+
+
+def test_loss_chunk_bounds_the_logits_with_checkpointing(monkeypatch):
+    """With checkpointing on, no loss computation (inner or outer, forward or backward) sees more
+    than loss_chunk positions at once, and the result is that of one piece."""
+    model, batch = tiny_model(), batch_from_runs(BATCH_RUNS)
+    model.gradient_checkpointing = True
+    rows = []
+    logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda x: rows.append(x.shape[0]) or logits(x))
+    loss, stats = focusft.focusft_loss(model, batch, FocusConfig(loss_chunk=4), gen())
+    loss.backward()
+    assert max(rows) == 4 and sum(rows) == 13 * (2 + 2)  # 2 inner steps, outer forward and recompute
+    chunked = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    loss1, stats1 = focusft.focusft_loss(model, batch, FocusConfig(), gen())
+    loss1.backward()
+    torch.testing.assert_close(loss, loss1, rtol=1e-6, atol=0)
+    torch.testing.assert_close(stats["inner_losses"], stats1["inner_losses"], rtol=1e-6, atol=0)
+    for n, g in grads_of(model).items():
+        torch.testing.assert_close(chunked[n], g, rtol=1e-5, atol=1e-6 * g.abs().max().item())
+
+
+def test_checkpointing_covers_every_layer_of_the_outer_pass_and_none_of_the_inner(monkeypatch):
+    import model as model_py
+
+    model, batch = tiny_model(), batch_from_runs(BATCH_RUNS)
+    model.gradient_checkpointing = True
+    layers = list(model.model.layers)
+    seen = []
+    real = model_py.checkpoint
+    monkeypatch.setattr(model_py, "checkpoint", lambda fn, *a, **kw: seen.append(layers.index(fn)) or real(fn, *a, **kw))
+    loss, _ = focusft.focusft_loss(model, batch, FocusConfig(), gen())
+    loss.backward()
+    assert seen == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
+@pytest.mark.parametrize("method", list(focusft.METHODS))
+def test_micro_batch_without_response_tokens(method, ckpt):
+    """Loss 0 (not NaN), and its backward gives every parameter a zero gradient: DDP needs a
+    gradient for each parameter from every rank. Tied TINY: the shared embedding/head too."""
+    model = tiny_model(torch.float32, config=TINY)
+    model.gradient_checkpointing = ckpt
+    batch = batch_from_runs([[(0, 9)], [(0, 6)]])  # context only; the second sample is padded
+    loss, stats = focusft.focusft_loss(model, batch, FocusConfig(method=method, loss_chunk=4), gen())
+    assert stats["n_targets"] == 0 and loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0, n
+    if FocusConfig(method=method).bilevel:
+        assert torch.equal(stats["inner_losses"], torch.zeros(2))
 
 
 def plain_sft_loss(model, batch, mask=None):
