@@ -214,6 +214,45 @@ def step_peak_memory(loss_fn, model, device):
     return peak_bytes(lambda: loss_fn().backward(), device)
 
 
+def layer_memory(model, args, device, dtype):
+    """Bytes per token that one adapted layer's forward + backward allocates at its peak, as the
+    slope between --seq/2 and --seq tokens (what does not grow with the length drops out): the
+    outer pass (first-order autograd: a checkpointed layer's recompute and backward, with weight
+    gradients accumulating into existing buffers) and the inner loop's per-layer step
+    (torch.func.grad and torch.func.vjp of <layer(x, phi), g> w.r.t. (phi, x))."""
+    cfg = FocusConfig()
+    i = focusft.adapted_layers(model, cfg).stop - 1
+    fast = focusft.init_fast_weights(model, cfg, None)[i]
+    peaks = {}
+    for S in (args.seq // 2, args.seq):
+        batch, _ = synthetic_batch(S, args.vocab, args.supervised, args.turns, device, args.seed)
+        with torch.no_grad():
+            h, rope, mask, _, _ = focusft.step_inputs(model, batch, cfg)
+        x, g = torch.randn_like(h), torch.randn_like(h)
+
+        def dot(phi, x):
+            return (model.run_layers(x, rope, mask, i, i + 1, {i: phi}, cfg.fast_scale) * g).sum()
+
+        def outer(x=x.clone().requires_grad_()):
+            model.run_layers(x, rope, mask, i, i + 1, {i: fast}, cfg.fast_scale).backward(g)
+
+        model.gradient_checkpointing = False
+        outer()  # the layer's weight gradients now exist, as in training
+        for how in ("grad", "vjp"):
+            with torch.no_grad():
+                peaks[how, S] = peak_bytes(lambda: focusft.grads_and_value(dot, how)(fast, x), device)
+        peaks["outer", S] = peak_bytes(outer, device)
+    S0, S1 = args.seq // 2, args.seq
+    e = torch.finfo(dtype).bits // 8
+    print()
+    print(f"one adapted layer, forward + backward, peak bytes per token ({S0} -> {S1} tokens; "
+          f"D = {args.hidden}, I = {args.intermediate}, {args.dtype}):")
+    for what, label in (("outer", "outer pass (autograd)"), ("grad", "inner, torch.func.grad"),
+                        ("vjp", "inner, torch.func.vjp")):
+        per_token = (peaks[what, S1] - peaks[what, S0]) / (S1 - S0)
+        print(f"  {label}: {per_token:,.0f} B = {per_token / e:,.0f} elements of {e} B")
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--layers", type=int, default=28)
@@ -231,6 +270,7 @@ def parse_args():
     p.add_argument("--repeat", type=int, default=5, help="timed rounds; the median is reported")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory runs")
+    p.add_argument("--layer-memory", action="store_true", help="only measure one layer's activation bytes per token")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -381,6 +421,8 @@ def main():
           f"{', glibc keeps freed memory' if args.keep_freed_memory else ''})")
     print(f"batch: 1 x {args.seq} tokens, {int(batch['loss_mask'].sum())} supervised, runs (loss, length): {runs}")
     print(f"adapted layers {layers.start}..{layers.stop - 1}; k = {k}")
+    if args.layer_memory:
+        return layer_memory(model, args, device, dtype)
 
     cases = build_cases(args, model, opt, batch, generator)
     wall, cpu = time_cases(cases, args, device, model)

@@ -5,7 +5,8 @@
     against hand-drawn 6x6 matrices;
   * the torch.func inner gradients (whole stack, and recomputed layer by layer) against plain
     torch.autograd.grad and against each other, the clipping against torch.nn.utils.clip_grad_norm_;
-  * the chunked cross-entropy against the one-piece one;
+  * the chunked cross-entropy against the one-piece one; a micro-batch without response tokens
+    (loss 0, a zero gradient for every parameter);
   * the whole step (all four methods, both clipping modes, with and without activation
     checkpointing) against tests/reference.py, which recomputes everything the way the authors'
     code does;
@@ -564,14 +565,14 @@ def test_loss_chunk_bounds_the_logits_with_checkpointing(monkeypatch):
 
 
 def test_checkpointing_covers_every_layer_of_the_outer_pass_and_none_of_the_inner(monkeypatch):
-    import model as model_py
-
+    """run_layers checkpoints through model.checkpoint: each layer once (the outer pass), none
+    inside the inner loop (torch.func would refuse it)."""
     model, batch = tiny_model(), batch_from_runs(BATCH_RUNS)
     model.gradient_checkpointing = True
     layers = list(model.model.layers)
     seen = []
-    real = model_py.checkpoint
-    monkeypatch.setattr(model_py, "checkpoint", lambda fn, *a, **kw: seen.append(layers.index(fn)) or real(fn, *a, **kw))
+    real = model_lib.checkpoint
+    monkeypatch.setattr(model_lib, "checkpoint", lambda fn, *a, **kw: seen.append(layers.index(fn)) or real(fn, *a, **kw))
     loss, _ = focusft.focusft_loss(model, batch, FocusConfig(), gen())
     loss.backward()
     assert seen == [0, 1, 2, 3]
