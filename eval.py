@@ -1134,7 +1134,8 @@ def longbench_table(name: str, entry: dict) -> list[str]:
 #     message minus the system turn, appended right after the generated <|im_end|>, so there is
 #     no "\n" between "<|im_end|>" and "<|im_start|>user" (a chat template would put one);
 #   - budgets: a prompt of at most 4096 tokens; a response (generated + tool tokens) of at most
-#     20480, cut there for scoring; a turn may generate up to 4096 + 20480 minus the context;
+#     20480, cut there for scoring (verl lets a turn generate up to 4096 + 20480 minus its context;
+#     we stop it at the response budget, which scores the same);
 #   - scoring: the decoded response (tool outputs included, special tokens skipped) is correct iff
 #     the last \boxed{...} within its last 100 characters holds exactly the answer letter.
 # Cost: every turn prefills its whole context again (the KV cache lives within a turn), so an
@@ -1456,13 +1457,14 @@ def gpqa_turn(engine: Engine, episodes: list[Episode], cfg: GPQAConfig):
     """One assistant turn of every episode, in verl's order: generate; stop at the response budget,
     the turn limit or a turn without a call; else run the call (the episodes' calls in parallel)
     and append the tool turn unless it would reach the response budget."""
-    max_len = cfg.max_prompt_tokens + cfg.max_response_tokens  # vLLM's max_model_len in verl
-    budgets = [max_len - len(e.ids) for e in episodes]  # each turn may generate up to the window
+    # verl lets a turn run to the end of the window (prompt + response budget); what lies past the
+    # response budget is cut before scoring and ends the episode, so stopping there scores the same
+    budgets = [cfg.max_response_tokens - e.response_tokens for e in episodes]
     outs = engine.sample([e.ids for e in episodes], max(budgets), cfg.temperature, cfg.top_p,
                          [e.generator for e in episodes])
     calls = []
     for e, out, budget in zip(episodes, outs, budgets):
-        out = out[:budget]  # what a per-row max_tokens would have stopped at
+        out = out[:budget]  # where this row's own budget would have stopped it
         e.prefilled_tokens += len(e.ids)
         e.ids += out
         e.generated_tokens += len(out)
