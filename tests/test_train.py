@@ -25,6 +25,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -75,8 +76,16 @@ def run_cli(args, nproc: int = 1, env=None, timeout: int = 300) -> subprocess.Co
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    return subprocess.run(launcher + [str(REPO / "train.py"), *map(str, args)], cwd=REPO, env=env or ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    # its own process group: on a timeout torchrun's workers are killed too, not left running
+    proc = subprocess.Popen(launcher + [str(REPO / "train.py"), *map(str, args)], cwd=REPO, env=env or ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def run_ok(args, nproc: int = 1):
