@@ -26,7 +26,8 @@ What the method needs from a model (all it uses of model.py; provide these to po
     bool (B, 1, S, S) mask (None = causal), with LoRA factors {layer: {proj: (A, B)}} added to the
     FFN projections, checkpointing each layer when `model.gradient_checkpointing` and grad are on;
   * `model.model.norm` and `model.logits`: the final norm and the vocabulary projection;
-  * `model.config.num_hidden_layers` and `model.model.layers[i].mlp.<proj>` (the LoRA shapes).
+  * `model.config.num_hidden_layers`, `model.model.layers[i].mlp.<proj>.in_features/out_features`
+    and `model.lm_head.weight.device` (where the fast weights go and their shapes).
 The one rule: no activation checkpointing inside a torch.func transform. torch.func refuses the
 saved-tensor hooks that torch.utils.checkpoint is built on, so the inner loop turns the model's
 checkpointing off and, when memory matters, recomputes the adapted layers one at a time by hand
@@ -68,9 +69,10 @@ class FocusConfig:
     lora_alpha: float = 64.0  # fast_scale = alpha / rank = 2
     layer_fraction: float = 0.35  # adapt layers int(L * (1 - fraction)) .. L-1 (18..27 of 28)
     targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-    # Supervised positions per piece of the response cross-entropy: at most loss_chunk x V fp32
-    # log-probabilities (and their gradient) exist at once (V = 152,064: 0.62 GB each at 1024).
-    # Not a paper setting: any value gives the same loss and gradients.
+    # Supervised positions per piece of the response cross-entropy. The loss then peaks at about
+    # 12 bytes x loss_chunk x V (logits, fp32 log-probabilities and their gradients), 1.9 GB at
+    # 1024 for V = 152,064, whatever the sequence length. Not a paper setting: any value gives the
+    # same loss and gradients.
     loss_chunk: int = 1024
 
     def __post_init__(self):
