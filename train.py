@@ -324,9 +324,10 @@ def wrap_fsdp(cfg: TrainConfig, rt: Runtime, source: Path | None) -> tuple[Qwen2
     and shards it: one group per decoder block, the root group holds embedding, final norm and
     lm_head. Rank 0 alone reads the weights (into host memory) and broadcasts them shard by shard.
 
-    FSDP gathers a block's weights for each use and frees them after: the adapted blocks are
-    gathered twice per inner step and twice for the outer pass (2k + 2 times per micro-batch, the
-    others twice), so at most the root and two blocks are unsharded at once."""
+    FSDP gathers a block's weights for each use and frees them after: an adapted block is gathered
+    at every use by the inner loop (with checkpointing: its no_grad forward, then the recompute
+    and backward of the top-down walk, per inner step) and by the outer pass; the others only by
+    the outer pass. At most the root and a few blocks are unsharded at once."""
     full = build_model(cfg, replace(rt, device=torch.device("cpu")), source) if rt.main else None
     if source is None:
         config = Qwen2Config(**TINY)
