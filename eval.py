@@ -41,6 +41,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+import model as model_lib
+
 REPO = Path(__file__).resolve().parent
 QWEN_INSTRUCT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -80,7 +82,7 @@ class Engine:
         """Greedy continuations of a batch of token-id prompts, decoded without special tokens."""
         stop, pad = self.tok.stop_token_ids(), self.tok.pad_token_id
         if self.focus_cfg is None:
-            outs = self.model.generate(prompts, max_new_tokens, stop_ids=stop, pad_id=pad,
+            outs = model_lib.generate(self.model, prompts, max_new_tokens, stop_ids=stop, pad_id=pad,
                                        prefill_chunk=self.prefill_chunk)
         else:
             # Table 8: one inner step on each prompt, then generate with those fast weights. One
@@ -95,7 +97,7 @@ class Engine:
                 with torch.enable_grad():  # the inner step differentiates w.r.t. the fast weights
                     fw = focusft.adapt_on_prompt(self.model, x, torch.ones_like(x, dtype=torch.bool),
                                                  self.focus_cfg, g, steps=1)
-                outs += self.model.generate([ids], max_new_tokens, stop_ids=stop, pad_id=pad,
+                outs += model_lib.generate(self.model, [ids], max_new_tokens, stop_ids=stop, pad_id=pad,
                                             prefill_chunk=self.prefill_chunk, fast_weights=fw,
                                             fast_scale=self.focus_cfg.fast_scale)
         return [self.tok.decode(o, skip_special_tokens=True) for o in outs]

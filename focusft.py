@@ -315,7 +315,7 @@ def adapt_on_prompt(model, input_ids, attention_mask, cfg: FocusConfig, generato
                     steps: int = 1):
     """Inference-time adaptation (paper Appendix B.3, Table 8): `steps` inner steps on the prompt
     itself (next-token loss over all prompt tokens, causal mask), with the run's fast-weight
-    settings. Returns fast weights for model.generate(..., fast_weights=, fast_scale=cfg.fast_scale)."""
+    settings. Returns fast weights for model.generate(model, ..., fast_weights=, fast_scale=cfg.fast_scale)."""
     cfg = replace(cfg, method="causal-bilevel", inner_steps=steps)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask.bool(), "loss_mask": attention_mask.bool()}
     sel, targets = supervised_positions(batch)

@@ -1,12 +1,16 @@
 """
-Fine-tune a Qwen2 / Qwen2.5 model with FocuSFT (or one of its ablations). A flat script:
-setup -> data -> model -> optimizer -> (resume) -> loop -> final checkpoint.
+Fine-tune a Qwen2 / Qwen2.5 model with FocuSFT (or one of its ablations).
 
     python train.py --preset demo                                  # tiny model, bundled data, CPU, minutes
     torchrun --nproc_per_node 8 train.py --data agentic.jsonl      # the paper's run: Qwen2.5-7B, bf16
 
+`main` reads as its phases: setup -> output dir -> data -> model -> optimizer -> resume -> loop
+(train_step, log, save) -> final checkpoint. `train_step` is one optimizer step and is also what
+bench/bench_train.py times, so what is measured is what is trained.
+
 Every rank runs its own inner loop (no communication); DDP all-reduces the outer gradients once
-per optimizer step. `--resume` continues bit-exactly from the newest checkpoint in --out.
+per optimizer step. With more than one process the AdamW state is sharded across ranks (ZeRO-1).
+`--resume` continues bit-exactly from the newest checkpoint in --out.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -45,12 +50,12 @@ class TrainError(Exception):
 
 @dataclass
 class TrainConfig:
-    """Defaults are the paper's (Appendix A, Table 5) and the authors' launch script."""
+    """Defaults are the paper's (Appendix A, Table 5) and the authors' launch script. The method's
+    own settings (--method, --inner-steps, --lora-rank, ...) are focusft.FocusConfig's, in `focus`."""
     # what to train
     model: str = "Qwen/Qwen2.5-7B"  # hub id, local HF directory, or "tiny" (random, byte tokenizer)
     data: str = ""  # JSONL of {"messages": [...], "tools": [...]} conversations
     out: str = "runs/focusft"
-    method: str = "focusft"  # focusft | sft | sft-bidir | causal-bilevel (paper Table 3)
     max_length: int = 4096
     truncation: str = "right"  # right | left | drop | error
     # outer loop
@@ -70,45 +75,45 @@ class TrainConfig:
     dtype: str = "bf16"  # bf16 (weights in bfloat16, as the authors) | fp32
     grad_checkpointing: bool = True
     group_by_length: bool = False
-    # inner loop (focusft.FocusConfig)
-    inner_steps: int = 2
-    inner_lr: float = 1.0
-    inner_clip: float = 1.0
-    clip_mode: str = "per-tensor"
-    inner_grad: str = "grad"  # torch.func.grad (the design's) | vjp (same gradients, less memory, faster)
-    lora_rank: int = 32
-    lora_alpha: float = 64.0
-    layer_fraction: float = 0.35
+    zero1: bool | None = None  # shard the AdamW state across ranks; None: on when more than one process
     # bookkeeping
     save_every: int = 0  # write out/step-N/ every N optimizer steps (0: only the final model)
     resume: bool = False
     overwrite: bool = False
     device: str = ""  # default: cuda:LOCAL_RANK if CUDA is available, else cpu
     backend: str = ""  # default: nccl on CUDA, gloo on CPU
+    # the method (paper defaults live in focusft.FocusConfig, declared once)
+    focus: focusft.FocusConfig = field(default_factory=focusft.FocusConfig)
+
+    def settings(self) -> dict:
+        """Every setting as one flat dict (what a checkpoint records)."""
+        d = asdict(self)
+        return {**d.pop("focus"), **d}
 
 
 PRESETS = {
     # A CPU run of about 4 minutes: one epoch (500 steps) of FocuSFT on the bundled agentic task
     # with a 4-layer random Qwen2 and the byte tokenizer. A much larger lr than the paper's: it
-    # trains from scratch. It learns the conversation format (the loss falls from 5.2 to ~0.1),
-    # not yet the retrieval: see the README.
+    # trains from scratch.
     "demo": dict(model="tiny", data="examples/agentic.jsonl", out="runs/demo", max_length=2048, epochs=1,
                  batch_size=4, grad_accum=1, lr=2e-3, dtype="fp32", grad_checkpointing=False, max_steps=0,
                  save_every=100),
 }
 
-
-CHOICES = {"method": list(focusft.METHODS), "dtype": ["bf16", "fp32"], "loss_norm": ["mean", "tokens"],
-           "clip_mode": ["per-tensor", "global"], "inner_grad": ["grad", "vjp"], "truncation": list(data.TRUNCATION_POLICIES),
-           "backend": ["", "nccl", "gloo"]}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+CHOICES = {"method": list(focusft.METHODS), "dtype": list(DTYPES), "loss_norm": ["mean", "tokens"],
+           "clip_mode": ["per-tensor", "global"], "inner_grad": ["grad", "vjp"],
+           "truncation": list(data.TRUNCATION_POLICIES), "backend": ["", "nccl", "gloo"]}
+FOCUS_FLAGS = [f for f in fields(focusft.FocusConfig) if f.name != "targets"]
 
 
 def parse_args(argv=None) -> TrainConfig:
+    """Flags from TrainConfig's and FocusConfig's fields (kebab-case); a preset, then flags, override defaults."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset; flags override it")
-    for f in fields(TrainConfig):
+    for f in [f for f in fields(TrainConfig) if f.name != "focus"] + FOCUS_FLAGS:
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
+        if f.type.startswith("bool"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default: {f.default}")
         else:
             p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=None,
@@ -116,12 +121,13 @@ def parse_args(argv=None) -> TrainConfig:
     args = vars(p.parse_args(argv))
     preset = PRESETS[args.pop("preset")] if args.get("preset") else {}
     args.pop("preset", None)
-    return TrainConfig(**{**preset, **{k: v for k, v in args.items() if v is not None}})
-
-
-def focus_config(cfg: TrainConfig) -> focusft.FocusConfig:
-    names = {f.name for f in fields(focusft.FocusConfig)} - {"targets"}
-    return focusft.FocusConfig(**{k: v for k, v in asdict(cfg).items() if k in names})
+    given = {**preset, **{k: v for k, v in args.items() if v is not None}}
+    focus_names = {f.name for f in FOCUS_FLAGS}
+    try:
+        focus = focusft.FocusConfig(**{k: v for k, v in given.items() if k in focus_names})
+    except ValueError as e:  # e.g. --inner-steps 0
+        raise TrainError(str(e)) from None
+    return TrainConfig(**{k: v for k, v in given.items() if k not in focus_names}, focus=focus)
 
 
 class FocuSFTStep(nn.Module):
@@ -143,12 +149,145 @@ RESUME_MUST_MATCH = ("data", "method", "max_length", "truncation", "epochs", "ba
                      "warmup_ratio", "max_steps", "seed", "group_by_length", "loss_norm")
 
 
-def lr_lambda(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (HF's cosine schedule)."""
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+# -----------------------------------------------------------------------------
+# Setup: processes and device
+
+
+@dataclass
+class Runtime:
+    """Who this process is in the run."""
+    rank: int
+    world: int
+    device: torch.device
+    distributed: bool  # launched by torchrun
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, *args, **kwargs):
+        if self.main:
+            print(*args, **kwargs, flush=True)
+
+
+def setup(cfg: TrainConfig) -> Runtime:
+    """Rank, device (cuda:LOCAL_RANK when there are GPUs) and, under torchrun, the process group."""
+    distributed = "RANK" in os.environ
+    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if cfg.device:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and device.index is None:  # under torchrun: one GPU per local rank
+            device = torch.device("cuda", local_rank)
+    elif torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise TrainError(f"local rank {local_rank} has no GPU: --nproc_per_node is larger than the "
+                             f"{torch.cuda.device_count()} visible GPU(s)", every_rank=True)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise TrainError("--backend nccl needs CUDA GPUs; use gloo on CPU (the default there)")
+    if not cfg.data:
+        raise TrainError("--data is required (a JSONL file of conversations), or use --preset demo")
+    if distributed:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return Runtime(rank, world, device, distributed)
+
+
+def prepare_output(cfg: TrainConfig, rt: Runtime) -> tuple[Path, Path | None]:
+    """--out, never mixing two runs; and the checkpoint to resume from, if any."""
+    out = Path(cfg.out)
+    resume_from = newest_checkpoint(out) if cfg.resume else None
+    if not (cfg.resume or cfg.overwrite) and out.exists() and any(out.iterdir()):
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if rt.main:
+        if cfg.overwrite and not cfg.resume:
+            shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and resume_from is None:
+        rt.log(f"--resume: no checkpoint in {out}, starting from scratch")
+    return out, resume_from
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    """The newest complete out/step-N/ (directories appear by atomic rename, so complete = present)."""
+    steps = [(int(p.name[5:]), p) for p in out.glob("step-*") if p.name[5:].isdigit() and (p / "train_state.pt").is_file()]
+    return max(steps)[1] if steps else None
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class Plan:
+    """The data and the schedule: which samples, how many steps."""
+    samples: list
+    lengths: list[int]
+    steps_per_epoch: int
+    total_steps: int
+
+
+def load_tokenizer(cfg: TrainConfig):
+    """The tokenizer and the checkpoint directory (None for the random "tiny" model)."""
+    if cfg.model == "tiny":
+        return data.byte_tokenizer(), None
+    model_dir = resolve_checkpoint(cfg.model)
+    try:  # a model that is not Qwen2 fails here, before minutes of data loading
+        Qwen2Config.from_hf(json.loads((model_dir / "config.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{model_dir / 'config.json'}: invalid JSON ({e})") from None
+    return data.load_tokenizer(model_dir), model_dir
+
+
+def plan_data(cfg: TrainConfig, tokenizer, rt: Runtime) -> Plan:
+    samples = data.load_dataset(cfg.data, tokenizer, cfg.max_length, cfg.truncation, log=rt.log)
+    lengths = [len(s.input_ids) for s in samples]
+    n_micro = len(data.epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, rt.rank, rt.world))  # same every epoch
+    steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
+    total = cfg.epochs * steps_per_epoch
+    return Plan(samples, lengths, steps_per_epoch, min(total, cfg.max_steps) if cfg.max_steps > 0 else total)
+
+
+def micro_batches(cfg: TrainConfig, plan: Plan, tokenizer, step: int, rt: Runtime, cache: dict) -> list[dict]:
+    """This rank's grad_accum micro-batches of optimizer step `step` (a pure function of the step)."""
+    epoch, j = divmod(step, plan.steps_per_epoch)
+    if epoch not in cache:  # one epoch's order at a time
+        cache.clear()
+        cache[epoch] = data.epoch_batches(plan.lengths, cfg.batch_size, cfg.seed, epoch, rt.rank, rt.world,
+                                          cfg.group_by_length)
+    idx = cache[epoch][j * cfg.grad_accum:(j + 1) * cfg.grad_accum]
+    return [data.collate([plan.samples[i] for i in b], tokenizer.pad_token_id) for b in idx]
+
+
+# -----------------------------------------------------------------------------
+# Model and optimizer
+
+
+def build_model(cfg: TrainConfig, rt: Runtime, source: Path | None) -> Qwen2:
+    """From a checkpoint, or the random "tiny" model (the same init on every rank)."""
+    dtype = DTYPES[cfg.dtype]
+    torch.manual_seed(cfg.seed)
+    if source is not None:
+        model = Qwen2.from_pretrained(source, dtype=dtype, device=rt.device)
+    else:
+        model = Qwen2(Qwen2Config(**TINY)).to(device=rt.device, dtype=dtype)
+    model.config.torch_dtype = str(dtype).replace("torch.", "")
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    return model
+
+
+def wrap(model: Qwen2, cfg: TrainConfig, rt: Runtime) -> nn.Module:
+    """The step as a module, inside DDP under torchrun. gradient_as_bucket_view: the gradients live
+    in DDP's all-reduce buckets instead of beside them (one model-sized buffer less)."""
+    step_module = FocuSFTStep(model, cfg.focus)
+    if not rt.distributed:
+        return step_module
+    return DDP(step_module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+               gradient_as_bucket_view=True)
 
 
 def param_groups(model: nn.Module, weight_decay: float):
@@ -158,6 +297,100 @@ def param_groups(model: nn.Module, weight_decay: float):
     for name, p in model.named_parameters():  # tied weights appear once
         (no_decay if name.endswith(".bias") or id(p) in norm_params else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (HF's cosine schedule)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def build_optimizer(model: Qwen2, cfg: TrainConfig, rt: Runtime, total_steps: int):
+    """AdamW (fused kernel on CUDA: no optimizer-sized temporaries; foreach on CPU), its state
+    sharded across ranks with ZeRO-1 when asked (default: when more than one process runs), and
+    the warm-up + cosine schedule. Fast weights are never here: they are not Parameters."""
+    kernel = {"fused": True} if rt.device.type == "cuda" else {"foreach": True}
+    adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kernel)
+    groups = param_groups(model, cfg.weight_decay)
+    if use_zero1(cfg, rt):
+        # Each rank keeps and updates the AdamW state of 1/world of the parameters, then broadcasts
+        # them; gradients are still all-reduced in full by DDP, so clipping sees the whole norm.
+        optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **adam)
+    else:
+        optimizer = torch.optim.AdamW(groups, **adam)
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total_steps, warmup))
+    return optimizer, scheduler
+
+
+def use_zero1(cfg: TrainConfig, rt: Runtime) -> bool:
+    return rt.distributed and rt.world > 1 if cfg.zero1 is None else cfg.zero1 and rt.distributed
+
+
+# -----------------------------------------------------------------------------
+# One optimizer step (train.py's loop and bench/bench_train.py both call this)
+
+
+class NonFiniteStep(Exception):
+    """The loss or the gradient norm of a step is not finite; the step was not applied."""
+
+
+@dataclass
+class StepStats:
+    loss: float  # the loss as optimised, averaged over ranks
+    grad_norm: float  # before clipping
+    inner_first: float  # inner-loop loss before the first update (mean over micro-batches and ranks)
+    inner_last: float  # inner-loop loss before the last update (0 for the methods without inner loop)
+    supervised_tokens: int  # over all ranks
+    tokens: int  # real (non-padding) tokens over all ranks
+
+
+def train_step(step_module, model, optimizer, scheduler, batches, generator, cfg: TrainConfig,
+               rt: Runtime) -> StepStats:
+    """Forward + backward of this rank's micro-batches (DDP all-reduces once, after the last),
+    clip, AdamW, schedule. Raises NonFiniteStep, without applying it, on a non-finite loss or norm."""
+    n_sup = [int((b["loss_mask"][:, 1:] & b["attention_mask"][:, 1:]).sum()) for b in batches]
+    # summed over micro-batches, then over ranks: [loss as optimised, inner first, inner last,
+    # supervised tokens, real tokens]
+    totals = torch.tensor([0.0, 0.0, 0.0, sum(n_sup), sum(int(b["attention_mask"].sum()) for b in batches)],
+                          dtype=torch.float64, device=rt.device)
+    if cfg.loss_norm == "tokens":  # the global supervised-token count is needed before any backward
+        n_global = totals[3].clone()
+        if rt.distributed:
+            dist.all_reduce(n_global)
+        n_global = n_global.item()
+    for k, batch in enumerate(batches):
+        batch = {name: t.to(rt.device, non_blocking=True) for name, t in batch.items()}
+        last = k == len(batches) - 1
+        with step_module.no_sync() if rt.distributed and not last else contextlib.nullcontext():
+            loss, info = step_module(batch, generator)
+            if cfg.loss_norm == "mean":  # the authors': mean per micro-batch, averaged over micro-batches (and ranks, by DDP)
+                scaled = loss / len(batches)
+            else:  # sum over all supervised tokens of the step / their global count (DDP averages over ranks: x world)
+                scaled = loss * (n_sup[k] * rt.world / n_global)
+            scaled.backward()
+        totals[0] += scaled.detach().double()
+        if info["inner_losses"] is not None:
+            totals[1] += info["inner_losses"][0].double() / len(batches)
+            totals[2] += info["inner_losses"][-1].double() / len(batches)
+    if rt.distributed:
+        dist.all_reduce(totals)
+        totals[:3] /= rt.world
+    loss_value = totals[0].item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # a finite loss may have an inf gradient
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteStep(f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_norm})")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss_value, grad_norm, totals[1].item(), totals[2].item(), int(totals[3]), int(totals[4]))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and resume
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -177,237 +410,61 @@ def set_rng_state(state: dict, generator: torch.Generator):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def newest_checkpoint(out: Path) -> Path | None:
-    """The newest complete out/step-N/ (directories appear by atomic rename, so complete = present)."""
-    steps = [(int(p.name[5:]), p) for p in out.glob("step-*") if p.name[5:].isdigit() and (p / "train_state.pt").is_file()]
-    return max(steps)[1] if steps else None
-
-
-def fmt_time(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def main(cfg: TrainConfig):
-    # ---- setup: processes, device, precision
-    distributed = "RANK" in os.environ  # launched by torchrun
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    if cfg.device:
-        device = torch.device(cfg.device)
-        if device.type == "cuda" and device.index is None:  # under torchrun: one GPU per local rank
-            device = torch.device("cuda", local_rank)
-    elif torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise TrainError(f"local rank {local_rank} has no GPU: --nproc_per_node is larger than the "
-                             f"{torch.cuda.device_count()} visible GPU(s)", every_rank=True)
-        device = torch.device("cuda", local_rank)
+def save(path: Path, step: int, run: dict, with_state: bool):
+    """Write an HF checkpoint (+ train_state.pt: optimizer, schedule, position, every rank's RNG).
+    Called on every rank: the RNG states are gathered and a ZeRO-1 optimizer state is consolidated
+    to rank 0 (both collective); rank 0 writes."""
+    cfg, rt, model, optimizer = run["cfg"], run["rt"], run["model"], run["optimizer"]
+    rngs = [None] * rt.world
+    if rt.distributed:
+        dist.all_gather_object(rngs, rng_state(run["generator"]))
     else:
-        device = torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
-    if backend == "nccl" and device.type != "cuda":
-        raise TrainError("--backend nccl needs CUDA GPUs; use gloo on CPU (the default there)")
-    if distributed:
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    main_proc = rank == 0
-    log = print if main_proc else (lambda *a, **k: None)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.dtype)
-    if dtype is None:
-        raise TrainError(f"--dtype must be bf16 or fp32, not {cfg.dtype!r}")
-    try:
-        fcfg = focus_config(cfg)  # validates --method and --clip-mode
-    except ValueError as e:
-        raise TrainError(str(e)) from None
-    if cfg.loss_norm not in ("mean", "tokens"):
-        raise TrainError(f"--loss-norm must be mean or tokens, not {cfg.loss_norm!r}")
-    if not cfg.data:
-        raise TrainError("--data is required (a JSONL file of conversations), or use --preset demo")
+        rngs[0] = rng_state(run["generator"])
+    if with_state and isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)
+    if rt.main:
+        extra = {**run["tokenizer"].files(), "focusft.json": json.dumps(asdict(cfg.focus), indent=2) + "\n"}
+        if with_state:
+            spe = run["plan"].steps_per_epoch
+            state = {"optimizer": optimizer.state_dict(), "scheduler": run["scheduler"].state_dict(), "step": step,
+                     "epoch": step // spe, "micro_batch": step % spe * cfg.grad_accum,
+                     "world_size": rt.world, "rng": rngs, "config": cfg.settings()}
+            extra["train_state.pt"] = lambda p: torch.save(state, p)
+        model.save_pretrained(path, extra_files=extra)
+    if rt.distributed:
+        dist.barrier()
 
-    # ---- output directory: never mix two runs
-    out = Path(cfg.out)
-    resume_from = newest_checkpoint(out) if cfg.resume else None
-    if not (cfg.resume or cfg.overwrite) and out.exists() and any(out.iterdir()):
-        raise TrainError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if main_proc:
-        if cfg.overwrite and not cfg.resume:
-            shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
 
-    # ---- tokenizer and data
-    if cfg.model == "tiny":
-        tokenizer, model_dir = data.byte_tokenizer(), None
-    else:
-        model_dir = resolve_checkpoint(cfg.model)
-        try:  # a model that is not Qwen2 fails here, before minutes of data loading
-            Qwen2Config.from_hf(json.loads((model_dir / "config.json").read_text()))
-        except json.JSONDecodeError as e:
-            raise ModelError(f"{model_dir / 'config.json'}: invalid JSON ({e})") from None
-        tokenizer = data.load_tokenizer(model_dir)
-    samples = data.load_dataset(cfg.data, tokenizer, cfg.max_length, cfg.truncation, log=log)
-    lengths = [len(s.input_ids) for s in samples]
-    n_micro = len(data.epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, rank, world))  # same every epoch
-    steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps > 0:
-        total_steps = min(total_steps, cfg.max_steps)
+def restore(path: Path, run: dict) -> int:
+    """Load optimizer, schedule and this rank's RNG states from `path`; returns the step to continue at."""
+    cfg, rt = run["cfg"], run["rt"]
+    # map to CPU: RNG states must stay CPU byte tensors; the optimizer moves its state to the parameters
+    state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+    if state["world_size"] != rt.world:
+        raise TrainError(f"{path} was written by {state['world_size']} process(es); resume with the same number")
+    # the data order and the schedule are functions of these: resuming with others would continue elsewhere
+    now = cfg.settings()
+    changed = [k for k in RESUME_MUST_MATCH if state["config"].get(k) != now[k]]
+    if changed:
+        raise TrainError(f"{path} was written with other settings: " + ", ".join(
+            f"--{k.replace('_', '-')} {state['config'].get(k)!r} (now {now[k]!r})" for k in changed))
+    run["optimizer"].load_state_dict(state["optimizer"])  # ZeRO-1: each rank keeps its own shard
+    run["scheduler"].load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"][rt.rank], run["generator"])
+    rt.log(f"resuming from {path} at step {state['step']}")
+    return state["step"]
 
-    # ---- model (same random init on every rank for "tiny"; DDP also broadcasts rank 0's weights)
-    torch.manual_seed(cfg.seed)
-    source = resume_from or model_dir
-    if source is not None:
-        model = Qwen2.from_pretrained(source, dtype=dtype, device=device)
-    else:
-        model = Qwen2(Qwen2Config(**TINY)).to(device=device, dtype=dtype)
-    model.config.torch_dtype = str(dtype).replace("torch.", "")
-    model.gradient_checkpointing = cfg.grad_checkpointing
-    step_module = FocuSFTStep(model, fcfg)
-    if distributed:
-        step_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None)
-    n_params = sum(p.numel() for p in model.parameters())
 
-    # ---- optimizer and schedule (fast weights are never here: they are not Parameters)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  eps=cfg.eps)
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total_steps, warmup))
-    generator = torch.Generator(device=device)  # fast-weight init; one stream per rank
-    generator.manual_seed(cfg.seed + 1000 * rank)
-
-    start_step = 0
-    if resume_from is not None:
-        # map to CPU: RNG states must stay CPU byte tensors; optimizer.load_state_dict moves its own
-        # state to the parameters' device
-        state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=False)
-        if state["world_size"] != world:
-            raise TrainError(f"{resume_from} was written by {state['world_size']} process(es); resume with the same number")
-        # the data order and the schedule are functions of these: resuming with others would continue elsewhere
-        changed = [k for k in RESUME_MUST_MATCH if state["config"].get(k) != getattr(cfg, k)]
-        if changed:
-            raise TrainError(f"{resume_from} was written with other settings: " + ", ".join(
-                f"--{k.replace('_', '-')} {state['config'].get(k)!r} (now {getattr(cfg, k)!r})" for k in changed))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][rank], generator)
-        start_step = state["step"]
-        log(f"resuming from {resume_from} at step {start_step}")
-        log_path = out / "log.jsonl"
-        if main_proc and log_path.is_file():  # the steps after the checkpoint run again: drop their old lines
-            kept = []
-            for line in log_path.read_text().splitlines():
-                with contextlib.suppress(ValueError):  # a line cut short by the interruption
-                    if json.loads(line)["step"] <= start_step:
-                        kept.append(line + "\n")
-            log_path.write_text("".join(kept))
-    elif cfg.resume:
-        log(f"--resume: no checkpoint in {out}, starting from scratch")
-
-    def save(path: Path, step: int, with_state: bool):
-        """Rank 0 writes an HF checkpoint (+ train_state.pt with every rank's RNG state)."""
-        rngs = [None] * world
-        if distributed:
-            dist.all_gather_object(rngs, rng_state(generator))
-        else:
-            rngs[0] = rng_state(generator)
-        if main_proc:
-            extra = {**tokenizer.files(), "focusft.json": json.dumps(asdict(fcfg), indent=2) + "\n"}
-            if with_state:
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                         "epoch": step // steps_per_epoch, "micro_batch": step % steps_per_epoch * cfg.grad_accum,
-                         "world_size": world, "rng": rngs, "config": asdict(cfg)}
-                extra["train_state.pt"] = lambda p: torch.save(state, p)
-            model.save_pretrained(path, extra_files=extra)
-        if distributed:
-            dist.barrier()
-
-    log(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters, {cfg.dtype}, {device}, world size {world} | "
-        f"method {cfg.method} | {total_steps} optimizer steps ({steps_per_epoch}/epoch), "
-        f"{cfg.batch_size * cfg.grad_accum * world} sequences each")
-
-    # ---- the loop: one optimizer step = grad_accum micro-batches on every rank
-    log_file = open(out / "log.jsonl", "a") if main_proc else None
-    epoch_cache: dict[int, list[list[int]]] = {}
-    t_start, first_loss, loss_value = time.time(), None, float("nan")
-    for step in range(start_step, total_steps):
-        t0 = time.time()
-        epoch, j = divmod(step, steps_per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache = {epoch: data.epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, rank, world,
-                                                     cfg.group_by_length)}
-        micro = epoch_cache[epoch][j * cfg.grad_accum:(j + 1) * cfg.grad_accum]
-        batches = [data.collate([samples[i] for i in idx], tokenizer.pad_token_id) for idx in micro]
-        n_sup = [int((b["loss_mask"][:, 1:] & b["attention_mask"][:, 1:]).sum()) for b in batches]
-        # stat: [loss sum, inner first, inner last, supervised tokens, real tokens] summed over ranks
-        stat = torch.tensor([0.0, 0.0, 0.0, sum(n_sup), sum(int(b["attention_mask"].sum()) for b in batches)],
-                            dtype=torch.float64, device=device)
-        if cfg.loss_norm == "tokens":  # need the global supervised-token count before any backward
-            n_global = stat[3].clone()
-            if distributed:
-                dist.all_reduce(n_global)
-            n_global = n_global.item()
-        for k, batch in enumerate(batches):
-            batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
-            last = k == len(batches) - 1
-            sync = step_module.no_sync() if distributed and not last else contextlib.nullcontext()
-            with sync:
-                loss, info = step_module(batch, generator)
-                if cfg.loss_norm == "mean":  # the authors': mean per micro-batch, averaged over micro-batches (and ranks, by DDP)
-                    scaled = loss / len(batches)
-                else:  # sum over all supervised tokens of the step / their global count (DDP averages over ranks: x world)
-                    scaled = loss * (n_sup[k] * world / n_global)
-                scaled.backward()
-            stat[0] += scaled.detach().double()  # the loss as optimised (summed over ranks, / world below)
-            if info["inner_losses"] is not None:
-                stat[1] += info["inner_losses"][0].double() / len(batches)
-                stat[2] += info["inner_losses"][-1].double() / len(batches)
-        if distributed:
-            dist.all_reduce(stat)
-            stat[:3] /= world
-        loss_value = stat[0].item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # a finite loss may have an inf gradient
-            last_ckpt = newest_checkpoint(out)
-            what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_norm})"
-            raise TrainError(f"non-finite {what} at step {step + 1}; stopped without applying it. "
-                             + (f"Last checkpoint: {last_ckpt}" if last_ckpt else "No checkpoint was written yet."))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        first_loss = loss_value if first_loss is None else first_loss
-
-        # ---- log (rank 0)
-        dt = time.time() - t0
-        done = step + 1
-        eta = (time.time() - t_start) / (done - start_step) * (total_steps - done)
-        rec = {"step": done, "total": total_steps, "epoch": round(done / steps_per_epoch, 4),
-               "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "supervised_tokens": int(stat[3]),
-               "tokens_per_s": stat[4].item() / dt, "s_per_step": dt, "eta_s": eta}
-        inner = ""
-        if fcfg.bilevel:
-            rec["inner_first"], rec["inner_last"] = stat[1].item(), stat[2].item()
-            inner = f" | inner {rec['inner_first']:.4f}→{rec['inner_last']:.4f}"
-        if main_proc:
-            print(f"step {done}/{total_steps} | epoch {rec['epoch']:.2f} | loss {loss_value:.4f}{inner} | lr {lr:.2e} | "
-                  f"gnorm {grad_norm:.2f} | sup {rec['supervised_tokens']} | {rec['tokens_per_s']:,.0f} tok/s | "
-                  f"{dt:.2f} s/step | ETA {fmt_time(eta)}", flush=True)
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
-        if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-            save(out / f"step-{done}", done, with_state=True)
-
-    # ---- final model: HF layout directly in --out, loadable by model.py and transformers
-    save(out / "final.tmp", total_steps, with_state=False)
-    if main_proc:
-        publish(out / "final.tmp", out)
-        log_file.close()
-        loss_line = f"loss {first_loss:.4f} → {loss_value:.4f}" if first_loss is not None else "no step run"
-        print(f"done: {total_steps - start_step} steps in {fmt_time(time.time() - t_start)} | {loss_line} | "
-              f"model saved to {out}/ (HF layout), log in {out}/log.jsonl")
-        if cfg.data == PRESETS["demo"]["data"]:
-            print(f"next: python eval.py demo --model {out}")
-    if distributed:
-        dist.destroy_process_group()
+def trim_log(log_path: Path, last_step: int):
+    """Drop the log lines of steps after `last_step` (they run again after a resume)."""
+    if not log_path.is_file():
+        return
+    kept = []
+    for line in log_path.read_text().splitlines():
+        with contextlib.suppress(ValueError):  # a line cut short by the interruption
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line + "\n")
+    log_path.write_text("".join(kept))
 
 
 def publish(src: Path, out: Path):
@@ -417,6 +474,105 @@ def publish(src: Path, out: Path):
     for name in [n for n in names if n != "config.json"] + ["config.json"]:
         os.replace(src / name, out / name)
     src.rmdir()
+
+
+# -----------------------------------------------------------------------------
+# Logging
+
+
+def fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def log_step(st: StepStats, done: int, run: dict, lr: float, dt: float, eta: float, log_file):
+    """One line per optimizer step on rank 0, and the same as a JSON line in OUT/log.jsonl."""
+    total, spe = run["plan"].total_steps, run["plan"].steps_per_epoch
+    rec = {"step": done, "total": total, "epoch": round(done / spe, 4), "loss": st.loss, "lr": lr,
+           "grad_norm": st.grad_norm, "supervised_tokens": st.supervised_tokens, "tokens_per_s": st.tokens / dt,
+           "s_per_step": dt, "eta_s": eta}
+    inner = ""
+    if run["cfg"].focus.bilevel:
+        rec["inner_first"], rec["inner_last"] = st.inner_first, st.inner_last
+        inner = f" | inner {st.inner_first:.4f}→{st.inner_last:.4f}"
+    print(f"step {done}/{total} | epoch {rec['epoch']:.2f} | loss {st.loss:.4f}{inner} | lr {lr:.2e} | "
+          f"gnorm {st.grad_norm:.2f} | sup {st.supervised_tokens} | {rec['tokens_per_s']:,.0f} tok/s | "
+          f"{dt:.2f} s/step | ETA {fmt_time(eta)}", flush=True)
+    log_file.write(json.dumps(rec) + "\n")
+    log_file.flush()
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+
+def main(cfg: TrainConfig):
+    rt = setup(cfg)
+    out, resume_from = prepare_output(cfg, rt)
+    tokenizer, model_dir = load_tokenizer(cfg)
+    plan = plan_data(cfg, tokenizer, rt)
+    model = build_model(cfg, rt, resume_from or model_dir)
+    step_module = wrap(model, cfg, rt)
+    optimizer, scheduler = build_optimizer(model, cfg, rt, plan.total_steps)
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1000 * rt.rank)  # fast weights: one stream per rank
+    run = dict(cfg=cfg, rt=rt, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator,
+               tokenizer=tokenizer, plan=plan)
+    start = 0
+    if resume_from is not None:
+        start = restore(resume_from, run)
+        if rt.main:
+            trim_log(out / "log.jsonl", start)
+    n_params = sum(p.numel() for p in model.parameters())
+    rt.log(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters, {cfg.dtype}, {rt.device}, world size {rt.world}"
+           f"{' (ZeRO-1)' if use_zero1(cfg, rt) else ''} | method {cfg.focus.method} | {plan.total_steps} optimizer "
+           f"steps ({plan.steps_per_epoch}/epoch), {cfg.batch_size * cfg.grad_accum * rt.world} sequences each")
+    first_loss, last_loss = train_loop(run, step_module, out, start)
+    finish(run, out, start, first_loss, last_loss)
+
+
+def train_loop(run: dict, step_module, out: Path, start: int) -> tuple[float | None, float]:
+    """Optimizer steps start..total-1: one step, one log line, a checkpoint every --save-every."""
+    cfg, rt, plan = run["cfg"], run["rt"], run["plan"]
+    log_file = open(out / "log.jsonl", "a") if rt.main else None
+    cache: dict = {}
+    run["t_start"], first_loss, last_loss = time.time(), None, float("nan")
+    for step in range(start, plan.total_steps):
+        t0 = time.time()
+        batches = micro_batches(cfg, plan, run["tokenizer"], step, rt, cache)
+        lr = run["scheduler"].get_last_lr()[0]
+        try:
+            st = train_step(step_module, run["model"], run["optimizer"], run["scheduler"], batches, run["generator"],
+                            cfg, rt)
+        except NonFiniteStep as e:
+            last = newest_checkpoint(out)
+            raise TrainError(f"non-finite {e} at step {step + 1}; stopped without applying it. "
+                             + (f"Last checkpoint: {last}" if last else "No checkpoint was written yet.")) from None
+        first_loss = st.loss if first_loss is None else first_loss
+        last_loss, done = st.loss, step + 1
+        dt = time.time() - t0
+        eta = (time.time() - run["t_start"]) / (done - start) * (plan.total_steps - done)
+        if rt.main:
+            log_step(st, done, run, lr, dt, eta, log_file)
+        if cfg.save_every and done % cfg.save_every == 0 and done < plan.total_steps:
+            save(out / f"step-{done}", done, run, with_state=True)
+    if log_file:
+        log_file.close()
+    return first_loss, last_loss
+
+
+def finish(run: dict, out: Path, start: int, first_loss: float | None, last_loss: float):
+    """The final model in HF layout directly in --out (loadable by model.py and transformers)."""
+    cfg, rt, total = run["cfg"], run["rt"], run["plan"].total_steps
+    save(out / "final.tmp", total, run, with_state=False)
+    if rt.main:
+        publish(out / "final.tmp", out)
+        loss_line = f"loss {first_loss:.4f} → {last_loss:.4f}" if first_loss is not None else "no step run"
+        print(f"done: {total - start} steps in {fmt_time(time.time() - run['t_start'])} | {loss_line} | "
+              f"model saved to {out}/ (HF layout), log in {out}/log.jsonl")
+        if cfg.data == PRESETS["demo"]["data"]:
+            print(f"next: python eval.py demo --model {out}")
+    if rt.distributed:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

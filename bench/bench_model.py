@@ -140,7 +140,7 @@ def main():
         out["hf"] = o[:, args.gen_prompt:].tolist()
 
     def gen_ours():
-        out["ours"] = ours.generate(prompts.tolist(), args.gen_new, stop_ids=[])
+        out["ours"] = M.generate(ours, prompts.tolist(), args.gen_new, stop_ids=[])
 
     gen = interleaved({"hf": gen_hf, "ours": gen_ours}, args.gen_repeats)
     assert all(len(r) == args.gen_new for r in out["hf"] + out["ours"]), "unequal token counts"
@@ -161,7 +161,7 @@ def main():
 
         M.F.scaled_dot_product_attention = recording_sdpa
         try:
-            secs = timed(lambda: tiny.generate([prompt], 1, stop_ids=[], prefill_chunk=args.prefill_chunk))
+            secs = timed(lambda: M.generate(tiny, [prompt], 1, stop_ids=[], prefill_chunk=args.prefill_chunk))
         finally:
             M.F.scaled_dot_product_attention = sdpa
         q, k = max(seen, key=lambda s: s[0] * s[1])

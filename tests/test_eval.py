@@ -52,6 +52,16 @@ class FakeModel:
         return [[ord(c) for c in self.reply][:max_new_tokens] for _ in prompts]
 
 
+@pytest.fixture(autouse=True)
+def fake_models_generate(monkeypatch):
+    """model.generate(model, ...) runs a FakeModel's own generate()."""
+    real = ev.model_lib.generate
+
+    def generate(model, *args, **kwargs):
+        return model.generate(*args, **kwargs) if isinstance(model, FakeModel) else real(model, *args, **kwargs)
+    monkeypatch.setattr(ev.model_lib, "generate", generate)
+
+
 # -----------------------------------------------------------------------------
 # BABILong: compare_answers
 

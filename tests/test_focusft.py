@@ -22,6 +22,7 @@ import torch
 
 
 import focusft
+import model as model_lib
 from focusft import FocusConfig
 from model import Qwen2, Qwen2Config
 from reference import full_logits_loss, naive_focusft_loss
@@ -531,7 +532,7 @@ def test_adapt_on_prompt_lowers_the_prompt_loss():
             losses.append(full_logits_loss(model, prompt, mask, fast, cfg.fast_scale).item())
     assert losses[0] > losses[1] > losses[2], losses
     # the generation API accepts them
-    out = model.generate([ids[0].tolist()], max_new_tokens=3, stop_ids=[], fast_weights=fast,
+    out = model_lib.generate(model, [ids[0].tolist()], max_new_tokens=3, stop_ids=[], fast_weights=fast,
                          fast_scale=cfg.fast_scale)
     assert len(out[0]) == 3
 

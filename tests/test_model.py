@@ -633,9 +633,9 @@ def test_kv_cache_generation_matches_brute_force():
     refs = [brute_force_greedy(m, p, n) for p in prompts]
     assert len({tuple(r) for r in refs}) == 3  # different prompts, different continuations
     for p, ref in zip(prompts, refs):
-        assert m.generate([p], n, stop_ids=[]) == [ref]
+        assert M.generate(m, [p], n, stop_ids=[]) == [ref]
     # batched with left padding == one by one
-    assert m.generate(prompts, n, stop_ids=[], pad_id=7) == refs
+    assert M.generate(m, prompts, n, stop_ids=[], pad_id=7) == refs
 
 
 def test_generation_stops_per_sequence():
@@ -646,8 +646,8 @@ def test_generation_stops_per_sequence():
     stop = refs[0][3]  # a token that the first row produces at step 3
     expect = [r[:r.index(stop)] if stop in r else r for r in refs]
     assert len(expect[0]) == 3
-    assert m.generate(prompts, n, stop_ids=[stop, 300]) == expect
-    assert m.generate([prompts[1]], n, stop_ids=[stop, 300]) == [expect[1]]
+    assert M.generate(m, prompts, n, stop_ids=[stop, 300]) == expect
+    assert M.generate(m, [prompts[1]], n, stop_ids=[stop, 300]) == [expect[1]]
 
 
 def test_generation_matches_transformers_generate(hf_checkpoint):
@@ -656,7 +656,7 @@ def test_generation_matches_transformers_generate(hf_checkpoint):
     prompts = [ids_for(301, 12, seed=30).tolist(), ids_for(301, 7, seed=31).tolist(),
                ids_for(301, 3, seed=32).tolist()]
     n, pad = 9, 0
-    free = ours.generate(prompts, n, stop_ids=[])
+    free = M.generate(ours, prompts, n, stop_ids=[])
     stop = free[1][4]  # make one row stop early
     P = max(map(len, prompts))
     ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
@@ -667,7 +667,7 @@ def test_generation_matches_transformers_generate(hf_checkpoint):
     ref = []
     for row in out[:, P:].tolist():
         ref.append(row[:row.index(stop)] if stop in row else row)
-    assert ours.generate(prompts, n, stop_ids=[stop], pad_id=pad) == ref
+    assert M.generate(ours, prompts, n, stop_ids=[stop], pad_id=pad) == ref
     assert len(ref[1]) == 4 and max(map(len, ref)) == n
 
 
@@ -675,7 +675,7 @@ def test_chunked_prefill_keeps_score_matrix_chunk_sized(monkeypatch):
     m = small_model()
     prompts = [ids_for(301, 70, seed=40).tolist(), ids_for(301, 45, seed=41).tolist()]
     n, chunk = 5, 16
-    full = m.generate(prompts, n, stop_ids=[], prefill_chunk=4096)
+    full = M.generate(m, prompts, n, stop_ids=[], prefill_chunk=4096)
     assert full == [brute_force_greedy(m, p, n) for p in prompts]
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -685,7 +685,7 @@ def test_chunked_prefill_keeps_score_matrix_chunk_sized(monkeypatch):
         return sdpa(q, k, v, attn_mask, *args, **kw)
 
     monkeypatch.setattr(M.F, "scaled_dot_product_attention", recording_sdpa)
-    chunked = m.generate(prompts, n, stop_ids=[], prefill_chunk=chunk)
+    chunked = M.generate(m, prompts, n, stop_ids=[], prefill_chunk=chunk)
     assert chunked == full
     L = m.config.num_hidden_layers
     assert len(seen) == L * (math.ceil(70 / chunk) + n - 1)
@@ -708,7 +708,7 @@ def test_bf16_smoke(tmp_path):
     assert (out.float() - ref).abs().max() < 0.15 * ref.abs().max()
     out.float().logsumexp(-1).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
-    gen = m.generate([ids[0].tolist(), ids[1, :7].tolist()], 4, stop_ids=[])
+    gen = M.generate(m, [ids[0].tolist(), ids[1, :7].tolist()], 4, stop_ids=[])
     assert [len(g) for g in gen] == [4, 4] and all(0 <= t < 301 for g in gen for t in g)
     transformers = pytest.importorskip("transformers")
     m.save_pretrained(tmp_path / "bf16")

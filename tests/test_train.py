@@ -309,6 +309,23 @@ def test_ddp_focusft_matches_two_rank_reference_and_resumes(tmp, unequal_data):
     assert_weights_equal(tmp / "ff2", tmp / "ff2r")
 
 
+def test_zero1_equals_plain_ddp(tmp, unequal_data):
+    """ZeRO-1 (AdamW state sharded over the 2 ranks, on by default) == replicated AdamW, bit for bit:
+    the weights, and the consolidated optimizer state of the checkpoint."""
+    common = [*BASE, "--data", unequal_data, "--method", "focusft", "--epochs", 1, "--batch-size", 1,
+              "--grad-accum", 2, "--save-every", 1]
+    r = run_ok([*common, "--out", tmp / "z1"], nproc=2)
+    assert "(ZeRO-1)" in r.stdout
+    r = run_ok([*common, "--out", tmp / "z0", "--no-zero1"], nproc=2)
+    assert "ZeRO" not in r.stdout
+    assert_weights_equal(tmp / "z1", tmp / "z0")
+    a, b = (torch.load(tmp / d / "step-1" / "train_state.pt", weights_only=False)["optimizer"] for d in ("z1", "z0"))
+    assert a["state"].keys() == b["state"].keys() and len(a["state"]) == len(list(Qwen2(Qwen2Config(**TINY)).parameters()))
+    for i in a["state"]:
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a["state"][i][name], b["state"][i][name]), (i, name)
+
+
 def test_grad_accumulation_equals_one_batch(tmp, unequal_data, equal_data):
     """4 micro-batches of 1 == 1 batch of 4 (padding inside the batch of 4 changes nothing).
     Non-bilevel methods only: a bilevel batch shares one fast-weight draw and one inner loop."""
