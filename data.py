@@ -572,19 +572,21 @@ def _select_split(files, root, selector, spec):
 
 
 def _hub_files(spec: str, log) -> list[Path]:
-    """hf:owner/name[:split or file pattern] -> local files, fetched with huggingface_hub into its cache.
-
-    Like a model, the dataset is downloaded once; later runs (and HF_HUB_OFFLINE=1) read the cache.
-    Only .parquet and .jsonl files are fetched (all of them, or those a file pattern selects).
+    """hf:owner/name[@revision][:split or file pattern] -> local files, fetched with huggingface_hub
+    into its cache. Like a model, the dataset is downloaded once; later runs (and HF_HUB_OFFLINE=1)
+    read the cache. Only .parquet and .jsonl files are fetched (all, or those a file pattern selects).
+    The snapshot's folder, logged, is named after the commit: pass it as @revision to pin the data.
     """
-    repo, _, selector = spec[len("hf:"):].partition(":")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise DataError(f"{spec}: expected hf:owner/name, hf:owner/name:split or hf:owner/name:<file pattern>")
+    repo_revision, _, selector = spec[len("hf:"):].partition(":")
+    repo, at, revision = repo_revision.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")) or (at and not revision):
+        raise DataError(f"{spec}: expected hf:owner/name[@revision], optionally followed by :split or "
+                        f":<file pattern>")
     pattern = selector if _names_files(selector) else None
     try:
         from huggingface_hub import snapshot_download
 
-        root = Path(snapshot_download(repo, repo_type="dataset",
+        root = Path(snapshot_download(repo, repo_type="dataset", revision=revision or None,
                                       allow_patterns=[pattern] if pattern else [f"*{s}" for s in DATA_SUFFIXES]))
     except Exception as e:  # offline, DNS, 404, gated, auth: all mean "not fetched"
         raise DataError(f"could not fetch the dataset {repo} from the Hugging Face hub ({type(e).__name__}: "
@@ -599,7 +601,8 @@ def _hub_files(spec: str, log) -> list[Path]:
 def resolve_sources(spec, log=print) -> list[Path]:
     """--data -> files. Comma-separated sources, each one of: a file (.parquet, or JSONL whatever its
     name), a directory (its .jsonl and .parquet files, recursively), a glob ("shards/*.parquet"), or a
-    hub dataset "hf:owner/name" (train split), "hf:owner/name:split", "hf:owner/name:<file pattern>"."""
+    hub dataset "hf:owner/name" (train split), "hf:owner/name:split", "hf:owner/name:<file pattern>",
+    each optionally pinned to a commit or tag: "hf:owner/name@<revision>:split"."""
     parts = [p.strip() for p in str(spec).split(",") if p.strip()]
     if not parts:
         raise DataError("no data given (expected a .jsonl or .parquet file, a directory, a glob or hf:owner/name)")
@@ -890,7 +893,7 @@ def stats(data, tokenizer, max_length, truncation, messages_key="messages", tool
 
 
 DATA_HELP = ("conversations: a .jsonl or .parquet file, a directory or glob of them, or a hub dataset "
-             "hf:owner/name[:split or file pattern]; several comma-separated")
+             "hf:owner/name[@revision][:split or file pattern]; several comma-separated")
 
 
 def main(argv=None):

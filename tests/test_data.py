@@ -729,8 +729,8 @@ def test_sources_files_directories_globs_lists(tmp_path):
     for spec in (tmp_path / "e", f"{tmp_path}/*.parquet"):
         with pytest.raises(data.DataError, match="no .jsonl or .parquet file found"):
             data.resolve_sources(spec, log)
-    for spec in ("hf:agentic", "hf:a/b/c", "hf:/b"):
-        with pytest.raises(data.DataError, match="expected hf:owner/name"):
+    for spec in ("hf:agentic", "hf:a/b/c", "hf:/b", "hf:a/b@:train"):
+        with pytest.raises(data.DataError, match=r"expected hf:owner/name\[@revision\]"):
             data.resolve_sources(spec, log)
     with pytest.raises(data.DataError, match="no data given"):
         data.resolve_sources(" , ", log)
@@ -769,6 +769,11 @@ def test_hub_dataset_from_the_offline_cache(offline_hub):
         repo_type="dataset")
     for spec in ("hf:Gen-Verse/Open-AgentRL-SFT-3K", "hf:Gen-Verse/Open-AgentRL-SFT-3K:train"):
         assert len(quiet(spec, bt, max_length=100_000)) == 2
+    # @revision pins a commit: an update of the dataset (a new snapshot, refs/main moved) leaves it alone
+    conftest.make_hub_cache(offline_hub, "someone/agentic-sft", {"data/train.jsonl": json.dumps(GOOD) + "\n"},
+                            repo_type="dataset", commit="1" * 40)
+    assert len(quiet("hf:someone/agentic-sft", bt)) == 1
+    assert quiet(f"hf:someone/agentic-sft@{snap.name}", bt) == samples and snap.name == "0" * 40
     with pytest.raises(data.DataError) as e:  # not cached, and offline: says what to do, no traceback
         quiet("hf:someone/not-cached", bt)
     assert str(e.value).startswith("could not fetch the dataset someone/not-cached from the Hugging Face hub (")
