@@ -8,8 +8,9 @@ A conversation is the messages/tools format of TRL and the HF ecosystem:
 
 stored one per line in a JSONL file, or one per row in a parquet file (columns "messages" and
 optionally "tools"; other names with messages_key / tools_key, --messages-key / --tools-key). `--data`
-names a file, a directory or glob of them, or a hub dataset "hf:owner/name[:split or file pattern]";
-several sources comma-separated (resolve_sources). Parquet needs pyarrow (optional: pip install pyarrow).
+names a file, a directory or glob of them, or a hub dataset "hf:owner/name[@revision][:split or file
+pattern]"; several sources comma-separated (resolve_sources). Parquet needs pyarrow, an optional
+dependency (pip install pyarrow); JSONL does not.
 
 - `content` is a string, or a list of {"type": "text", "text": ...} parts (joined with "").
 - An assistant message may carry `tool_calls`, each {"type": "function", "function": {"name",
