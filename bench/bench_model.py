@@ -4,7 +4,9 @@ Measures, with the SAME weights in both models:
   1. forward + backward time of a next-token loss over every position (logits from each model's own
      forward, the same cross-entropy outside), interleaved repeats, median, ratio ours / HF;
   2. greedy generation tokens/s: ours.generate vs hf.generate(do_sample=False) with eos disabled and
-     min_new_tokens = max_new_tokens, so both produce exactly the same number of tokens;
+     min_new_tokens = max_new_tokens, so both produce exactly the same number of tokens; then the
+     same with sampling (temperature 1.0, top-p 0.6, the GPQA setting; ours with one seeded
+     generator per prompt), so the cost of sampling shows against greedy decoding on both sides;
   3. a long-prompt prefill of ours on a tiny model: wall time and the largest attention score block
      (queries x keys per head) any SDPA call saw, which chunked prefill keeps at prefill_chunk x T.
 
@@ -19,7 +21,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -142,7 +143,18 @@ def main():
     def gen_ours():
         out["ours"] = M.generate(ours, prompts.tolist(), args.gen_new, stop_ids=[])
 
-    gen = interleaved({"hf": gen_hf, "ours": gen_ours}, args.gen_repeats)
+    def sample_hf():
+        with torch.no_grad():
+            hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0, top_p=0.6,
+                        top_k=0, max_new_tokens=args.gen_new, min_new_tokens=args.gen_new, eos_token_id=None,
+                        pad_token_id=0)
+
+    def sample_ours():
+        gens = [torch.Generator().manual_seed(i) for i in range(args.gen_batch)]
+        M.generate(ours, prompts.tolist(), args.gen_new, stop_ids=[], temperature=1.0, top_p=0.6, generator=gens)
+
+    gen = interleaved({"hf": gen_hf, "ours": gen_ours, "hf_sample": sample_hf, "ours_sample": sample_ours},
+                      args.gen_repeats)
     assert all(len(r) == args.gen_new for r in out["hf"] + out["ours"]), "unequal token counts"
     same_tokens = out["hf"] == out["ours"]
     n_tok = args.gen_batch * args.gen_new
@@ -183,6 +195,11 @@ def main():
     print(f"| greedy generate, {args.gen_batch} x {args.gen_prompt} prompt + {args.gen_new} new, median of "
           f"{args.gen_repeats} | {n_tok / go:.0f} tok/s | {n_tok / gh:.0f} tok/s | "
           f"{1 / r_gen:.2f}x tok/s ({1 / r_gen_best:.2f}x) |")
+    so, sh, r_sample, r_sample_best = summary(gen["ours_sample"], gen["hf_sample"])
+    print(f"| sampled generate (temperature 1, top-p 0.6), same shape | {n_tok / so:.0f} tok/s | {n_tok / sh:.0f} tok/s "
+          f"| {1 / r_sample:.2f}x tok/s ({1 / r_sample_best:.2f}x) |")
+    print(f"sampling / greedy time, paired median: ours {statistics.median(s / g for s, g in zip(gen['ours_sample'], gen['ours'])):.2f}x, "
+          f"HF {statistics.median(s / g for s, g in zip(gen['hf_sample'], gen['hf'])):.2f}x")
     print(f"generated tokens identical: {same_tokens}")
     if long:
         T = args.long_prompt

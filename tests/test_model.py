@@ -696,6 +696,79 @@ def test_chunked_prefill_keeps_score_matrix_chunk_sized(monkeypatch):
     assert max(mask[-2] for _, _, mask in seen) == chunk
 
 
+def brute_force_nucleus(probs, top_p):
+    """The definition, one token at a time in float64: take tokens from the most likely down until
+    their mass reaches top_p; the rest get 0."""
+    out = [0.0] * len(probs)
+    mass = 0.0
+    for i in sorted(range(len(probs)), key=lambda i: -probs[i]):
+        if mass >= top_p:
+            break
+        out[i] = probs[i]
+        mass += probs[i]
+    return out
+
+
+@pytest.mark.parametrize("top_p", [1e-9, 0.05, 0.3, 0.6, 0.9, 0.999, 1.0])
+def test_top_p_filter_matches_brute_force(top_p):
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(4, 50, generator=g, dtype=torch.float64) * 2, dim=-1)
+    got = M.top_p_filter(probs, top_p)
+    for row, got_row in zip(probs.tolist(), got.tolist()):
+        assert got_row == pytest.approx(brute_force_nucleus(row, top_p), abs=0)
+    assert (got > 0).sum(-1).min() >= 1  # the most likely token always stays
+
+
+def test_sampled_frequencies_follow_the_nucleus():
+    # one row repeated 40,000 times: the draws' frequencies against the renormalised nucleus
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -5.0]])
+    temperature, top_p, n = 0.7, 0.8, 40_000
+    probs = torch.softmax(logits.double() / temperature, -1)[0].tolist()
+    kept = brute_force_nucleus(probs, top_p)
+    expect = [p / sum(kept) for p in kept]
+    draws = M.sample_next(logits.expand(n, -1), temperature, top_p, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=8).double() / n
+    for f, e in zip(freq.tolist(), expect):
+        assert abs(f - e) < 4 * math.sqrt(e * (1 - e) / n) + 1e-9, (freq, expect)  # 4 sigma; 0 outside the nucleus
+
+
+def test_sampling_limits_equal_greedy():
+    m = small_model()
+    prompts = [ids_for(301, 9, seed=50).tolist(), ids_for(301, 5, seed=51).tolist()]
+    greedy = M.generate(m, prompts, 8, stop_ids=[])
+    cold = M.generate(m, prompts, 8, stop_ids=[], temperature=1e-6, generator=torch.Generator().manual_seed(1))
+    narrow = M.generate(m, prompts, 8, stop_ids=[], temperature=1.0, top_p=1e-9,
+                        generator=torch.Generator().manual_seed(2))
+    assert cold == greedy and narrow == greedy
+    hot = M.generate(m, prompts, 8, stop_ids=[], temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert hot != greedy  # it does sample
+    with pytest.raises(ValueError, match="Generator"):
+        M.generate(m, prompts, 8, stop_ids=[], temperature=1.0)
+
+
+def test_seeded_sampling_is_reproducible_and_per_prompt():
+    m = small_model()
+    prompts = [ids_for(301, 11, seed=60).tolist(), ids_for(301, 6, seed=61).tolist(), ids_for(301, 8, seed=62).tolist()]
+
+    def run(rows, seeds, **kw):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return M.generate(m, [prompts[i] for i in rows], 12, stop_ids=[], temperature=1.0, top_p=0.9,
+                          generator=gens, **kw)
+
+    a = run([0, 1, 2], [7, 8, 9])
+    assert a == run([0, 1, 2], [7, 8, 9])  # same seeds, same samples
+    assert a != run([0, 1, 2], [17, 18, 19])
+    # one generator per prompt: a prompt's samples do not depend on its batch
+    assert run([1], [8]) == [a[1]] and run([2, 0], [9, 7]) == [a[2], a[0]]
+    # ... nor on when the others stop: a row that stops draws no more numbers
+    stop = a[0][3]
+    stopped = M.generate(m, prompts, 12, stop_ids=[stop], temperature=1.0, top_p=0.9, keep_stop=True,
+                         generator=[torch.Generator().manual_seed(s) for s in (7, 8, 9)])
+    assert stopped[0] == a[0][:a[0].index(stop) + 1]  # keep_stop: the stop token ends the row
+    for row, full in zip(stopped[1:], a[1:]):
+        assert row == (full[:full.index(stop) + 1] if stop in full else full)
+
+
 def test_bf16_smoke(tmp_path):
     m = small_model()
     ids = ids_for(301, 2, 21)
