@@ -619,3 +619,14 @@ def test_nproc_above_gpu_count_inprocess(tmp, unequal_data, monkeypatch):
     err = expect_user_error(["--model", "tiny", "--data", unequal_data, "--out", tmp / "gpu"],
                             "--nproc_per_node", "1 visible GPU")
     assert err.every_rank  # printed by the rank concerned, not only by rank 0
+
+
+def test_messages_key_reaches_the_data(tmp, unequal_data):
+    """--messages-key names the column/key of the conversations (datasets that do not call it "messages")."""
+    renamed = tmp / "renamed.jsonl"
+    rows = [json.loads(line) for line in unequal_data.read_text().splitlines()]
+    renamed.write_text("".join(json.dumps({"conversation": r["messages"]}) + "\n" for r in rows))
+    args = [*BASE, "--data", renamed, "--method", "sft", "--max-steps", 1]
+    expect_user_error([*args, "--out", tmp / "mk0"], "messages")  # the default key is not there
+    run_inprocess([*args, "--out", tmp / "mk1", "--messages-key", "conversation"])
+    assert log_records(tmp / "mk1")[0]["supervised_tokens"] > 0
