@@ -115,6 +115,16 @@ CHOICES = {"method": list(focusft.METHODS), "dtype": list(DTYPES), "loss_norm": 
            "clip_mode": ["per-tensor", "global"], "inner_grad": ["grad", "vjp"],
            "truncation": list(data.TRUNCATION_POLICIES), "backend": ["", "nccl", "gloo"]}
 FOCUS_FLAGS = [f for f in fields(focusft.FocusConfig) if f.name != "targets"]
+HELP = {  # flags whose default alone does not say what they do
+    "model": "hub id, local HF checkpoint directory, or 'tiny' (a random 0.8M-parameter Qwen2, byte tokenizer)",
+    "data": ".jsonl/.parquet file, directory, glob, or hf:owner/name[@revision][:split|pattern]; comma-separated",
+    "zero1": "shard the AdamW state across ranks (default: on when more than one process runs)",
+    "fsdp": "shard weights, gradients and AdamW state across ranks (FSDP2; under torchrun)",
+    "method": "the paper's 2x2 ablation (Table 3)",
+    "inner_grad": "grad: torch.func.grad; vjp: the same gradients, less memory",
+    "loss_chunk": "supervised positions per piece of the cross-entropy (bounds the N x vocab log-probs)",
+    "save_every": "write OUT/step-N/ (with optimizer and RNG state) every N optimizer steps; 0: final model only",
+}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -124,10 +134,14 @@ def parse_args(argv=None) -> TrainConfig:
     for f in [f for f in fields(TrainConfig) if f.name != "focus"] + FOCUS_FLAGS:
         flag = "--" + f.name.replace("_", "-")
         if f.type.startswith("bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default: {f.default}")
+            default = f"default: {f.default}"
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=HELP[f.name] if f.name in HELP and f.default is None else
+                           "; ".join(filter(None, (HELP.get(f.name), default))))
         else:
             p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=None,
-                           choices=CHOICES.get(f.name), help=f"default: {f.default!r}")
+                           choices=CHOICES.get(f.name),
+                           help="; ".join(filter(None, (HELP.get(f.name), f"default: {f.default!r}"))))
     args = vars(p.parse_args(argv))
     preset = PRESETS[args.pop("preset")] if args.get("preset") else {}
     args.pop("preset", None)
