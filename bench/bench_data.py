@@ -1,12 +1,13 @@
 """
 Benchmark data.py: read + validate + render + encode + mask N agentic conversations of ~4K tokens
-with the real Qwen2.5 tokenizer (../shared/qwen2.5-tokenizer, or --tokenizer DIR), from JSONL and
+with the real Qwen2.5 tokenizer (a local directory, or Qwen/Qwen2.5-7B-Instruct's from the hub), from JSONL and
 from parquet (the same conversations), measured side by side in one run.
 
     python -m bench.bench_data                      # 3,000 conversations of ~4K tokens
     python -m bench.bench_data --n 300 --repeat 3
 
-Goals: 3,000 x ~4K tokens in <= 30 s on a 2-core CPU; parquet costs no more than JSONL. The
+It answers two questions: how long 3,000 x ~4K tokens take on a 2-core CPU, and whether parquet
+costs more than JSONL. The
 conversations are synthetic but shaped like real agentic data: system prompt, two tool schemas, a
 user request, several assistant turns with tool calls (some with content, some with several calls),
 long JSON tool outputs and a final answer. Both files are written to a temporary directory first
@@ -95,19 +96,32 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
+def tokenizer_dir(name: str) -> Path:
+    """A local directory as is, else a hub id whose tokenizer files are fetched (or read from the cache)."""
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(name, "tokenizer.json")).parent
+    except Exception as e:  # offline, unknown id: all mean "not available here"
+        sys.exit(f"error: no tokenizer directory {name!r}, and fetching it from the hub failed "
+                 f"({type(e).__name__}); pass --tokenizer DIR")
+
+
 def main():
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "qwen2.5-tokenizer"
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--n", type=int, default=3000, help="number of conversations")
     p.add_argument("--tokens", type=int, default=4000, help="approximate tokens per conversation")
-    p.add_argument("--tokenizer", default=str(shared), help="directory with tokenizer.json")
+    p.add_argument("--tokenizer", default="Qwen/Qwen2.5-7B-Instruct",
+                   help="directory with tokenizer.json, or a hub id (its tokenizer files are fetched and cached)")
     p.add_argument("--repeat", type=int, default=3, help="timed load_dataset runs per format (medians reported)")
     p.add_argument("--read-repeat", type=int, default=5, help="timed read_conversations runs per format")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
     try:
-        tok = data.load_tokenizer(args.tokenizer)
+        tok = data.load_tokenizer(tokenizer_dir(args.tokenizer))
         import pyarrow  # noqa: F401  (the benchmark writes parquet)
     except data.DataError as e:
         sys.exit(f"error: {e}")
