@@ -68,25 +68,25 @@ def distractor_names(rng, target, k):
     return names
 
 
-def conversation(rng):
-    """-> (json object, question key)."""
+def conversation(rng, n=5):
+    """-> (json object, question key); n records per roster, n + 2 in the shift list."""
     name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
     day, city, shift = rng.choice(DAYS), rng.choice(CITIES), rng.choice(SHIFTS)
     two_teams = rng.random() < 0.35  # the user is unsure of the team: three tool calls instead of two
     teams = rng.sample(TEAMS, 2 if two_teams else 1)
     home = rng.choice(teams)
 
-    # Haystacks: each roster has 5 people (the person in exactly one of them), the shift list 7.
-    others = distractor_names(rng, name, 4 * len(teams) + 6)
+    # Haystacks: each roster has n people (the person in exactly one of them), the shift list n + 2.
+    others = distractor_names(rng, name, (n - 1) * len(teams) + n + 1)
     rosters = {}
     for t in teams:
-        members = [others.pop() for _ in range(4 if t == home else 5)]
+        members = [others.pop() for _ in range(n - 1 if t == home else n)]
         rows = [(m, rng.choice(CITIES)) for m in members]
         if t == home:
-            rows.insert(rng.randrange(5), (name, city))
+            rows.insert(rng.randrange(n), (name, city))
         rosters[t] = "\n".join(f"{m}, {c}" for m, c in rows)
-    rows = [(m, rng.choice(SHIFTS)) for m in others[:6]]
-    rows.insert(rng.randrange(7), (name, shift))
+    rows = [(m, rng.choice(SHIFTS)) for m in others[:n + 1]]
+    rows.insert(rng.randrange(n + 2), (name, shift))
     shift_list = "\n".join(f"{m}: {s}" for m, s in rows)
 
     question = rng.choice(QUESTIONS).format(name=name, teams=" or ".join(teams), day=day)
@@ -125,12 +125,13 @@ def main():
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-heldout", type=int, default=200)
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent))
+    p.add_argument("--records", type=int, default=5, help="people per roster (the shift list has 2 more)")
     args = p.parse_args()
 
     rng = random.Random(args.seed)
     convs, seen = [], set()
     while len(convs) < args.n_train + args.n_heldout:
-        c, key = conversation(rng)
+        c, key = conversation(rng, args.records)
         if key not in seen:  # unique questions, so held-out ones are never seen in training
             seen.add(key)
             convs.append(c)
