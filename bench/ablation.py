@@ -179,7 +179,8 @@ def run_commands(cfg: AblationConfig, run: Run) -> dict[str, list[str]]:
     """The argument lists of the run's three commands (train.py, eval.py demo, eval.py analyze)."""
     d, out = data_dir(cfg, run.records), run_dir(cfg, run)
     model, heldout = str(out / "model"), str(d / "agentic-heldout.jsonl")
-    steps = ["--max-steps", str(cfg.steps), "--epochs", "1000000"] if cfg.steps else []  # the cap decides
+    # an epoch has at least one step, so with --epochs = --max-steps the cap decides the run's length
+    steps = ["--max-steps", str(cfg.steps), "--epochs", str(cfg.steps)] if cfg.steps else []
     return {
         "train": ["--preset", "demo", "--data", str(d / "agentic.jsonl"), "--method", run.method,
                   "--seed", str(run.seed), "--out", model, "--save-every", "0"] + steps,
@@ -264,11 +265,18 @@ class Progress:
         self.t0 = time.time()
 
     def estimate(self, run: Run) -> float | None:
+        """Seconds: the mean of the same method and difficulty; else method x difficulty factors."""
         same = self.seconds.get((run.method, run.records))
         if same:
             return statistics.fmean(same)
         seen = [s for v in self.seconds.values() for s in v]
-        return statistics.fmean(seen) if seen else None
+        if not seen:
+            return None
+        by_method = [s for (m, _), v in self.seconds.items() if m == run.method for s in v]
+        by_records = [s for (_, r), v in self.seconds.items() if r == run.records for s in v]
+        mean = statistics.fmean(seen)
+        return (statistics.fmean(by_method) if by_method else mean) * \
+            (statistics.fmean(by_records) if by_records else mean) / mean
 
     def eta(self) -> str:
         now, left = time.time(), 0.0
@@ -393,8 +401,8 @@ def against_baseline(rows: list[dict], baseline: str = "sft") -> list[str]:
 
 
 def plot(rows: list[dict], path: Path) -> bool:
-    """Accuracy, sink mass and tool share per method x difficulty, with ± std error bars; False
-    without matplotlib (optional)."""
+    """Accuracy, step time, sink mass and tool share per method x difficulty, with ± std error
+    bars; False without matplotlib (optional)."""
     try:
         import matplotlib
 
@@ -405,20 +413,25 @@ def plot(rows: list[dict], path: Path) -> bool:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     records = list(dict.fromkeys(r["records"] for r in rows))
     width = 0.8 / len(records)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key in zip(axes, ("accuracy", "sink", "tool")):
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    for ax, key in zip(axes, ("accuracy", "s_per_step", "sink", "tool")):
         for j, rec in enumerate(records):
             cells = [next((r[key] for r in rows if r["method"] == m and r["records"] == rec), (math.nan, None))
                      for m in methods]
             ax.bar([i + j * width for i in range(len(methods))], [c[0] for c in cells], width,
                    yerr=[c[1] or 0 for c in cells], capsize=3, label=f"{rec} records")
         ax.set_xticks([i + width * (len(records) - 1) / 2 for i in range(len(methods))], methods)
-        ax.set(ylabel=METRICS[key][0], title=METRICS[key][0] + (" (causal mask)" if key != "accuracy" else ""))
+        ax.set(ylabel=METRICS[key][0], title=PLOT_TITLES[key])
         ax.legend()
+    axes[0].set_ylim(0, 100)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return True
+
+
+PLOT_TITLES = {"accuracy": "held-out accuracy (mean ± std over seeds)", "s_per_step": "training step time",
+               "sink": "sink mass, causal mask (positions 0-4)", "tool": "attention on tool outputs, causal mask"}
 
 
 def report(cfg: AblationConfig, runs: list[Run], wall_s: float, log=print) -> list[dict]:
