@@ -169,8 +169,15 @@ def prepare_data(cfg: AblationConfig, records: int, log=print) -> Path:
     argv = ["--seed", str(cfg.data_seed), "--n-heldout", str(cfg.n_heldout), "--out-dir", str(d),
             "--records", str(records)] + (["--n-train", str(cfg.n_train)] if cfg.n_train else [])
     log(f"data: python -m examples.make_agentic {' '.join(argv)}")
-    with open(d / "make_agentic.log", "w") as f, contextlib.redirect_stdout(f):
-        call_main(make_agentic.main, argv)
+    log_file = d / "make_agentic.log"
+    with open(log_file, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            call_main(make_agentic.main, argv)
+            code = 0
+        except SystemExit as e:  # argparse refused an argument
+            code = e.code
+    if code:
+        raise AblationError(f"examples.make_agentic failed: {log_file.read_text().strip().splitlines()[-1]}")
     (d / "done").touch()
     return d
 
