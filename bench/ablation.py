@@ -451,7 +451,8 @@ def report(cfg: AblationConfig, runs: list[Run], wall_s: float, log=print) -> li
           "", table(rows), "",
           "Mean ± sample standard deviation over seeds. Sink mass, tool share and context engagement: "
           "attention of the response tokens under the causal mask (inference), averaged over heads, "
-          f"layers and {min(cfg.analyze_samples, cfg.n_heldout)} held-out conversations.", "",
+          f"layers and {min(cfg.analyze_samples, cfg.n_heldout)} held-out conversations. Runs: {cfg.jobs} at a "
+          f"time, one torch thread each; this invocation took {train.fmt_time(wall_s)}.", "",
           "Accuracy against sft:", *against_baseline(rows), "", "## Every run", "",
           "| run | accuracy (%) | final loss | training (s) | s/step | sink (%) | tool (%) |", "|---|---|---|---|---|---|---|"]
     md += [f"| records-{r['records']}-{r['method']}-seed-{r['seed']} | {r['accuracy']:.1f} | {r['final_loss']:.4f} | "
