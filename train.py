@@ -60,7 +60,7 @@ class TrainConfig:
     """Defaults are the paper's (Appendix A, Table 5) and the authors' launch script. The method's
     own settings (--method, --inner-steps, --lora-rank, ...) are focusft.FocusConfig's, in `focus`."""
     # what to train
-    model: str = "Qwen/Qwen2.5-7B"  # hub id, local HF directory, or "tiny" (random, byte tokenizer)
+    model: str = "Qwen/Qwen2.5-7B"  # hub id, local HF directory, or "tiny" / "tiny-words" (random, see TINY_WORDS)
     data: str = ""  # .jsonl/.parquet file, directory, glob or hf:owner/name[@rev][:split|pattern]; comma-separated
     messages_key: str = "messages"  # the column (parquet) or key (JSONL) of the messages
     tools_key: str = "tools"  # ... and of the tools
@@ -91,6 +91,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     device: str = ""  # default: cuda:LOCAL_RANK if CUDA is available, else cpu
+    threads: int = 0  # CPU threads of torch's operators (0: torch's default, one per core)
     backend: str = ""  # default: nccl on CUDA, gloo on CPU
     # the method (paper defaults live in focusft.FocusConfig, declared once)
     focus: focusft.FocusConfig = field(default_factory=focusft.FocusConfig)
@@ -102,12 +103,12 @@ class TrainConfig:
 
 
 PRESETS = {
-    # A CPU run of about 4 minutes: one epoch (500 steps) of FocuSFT on the bundled agentic task
-    # with a 4-layer random Qwen2 and the byte tokenizer. A much larger lr than the paper's: it
-    # trains from scratch.
-    "demo": dict(model="tiny", data="examples/agentic.jsonl", out="runs/demo", max_length=2048, epochs=1,
-                 batch_size=4, grad_accum=1, lr=2e-3, dtype="fp32", grad_checkpointing=False, max_steps=0,
-                 save_every=100),
+    # A CPU run of a few minutes: FocuSFT on the bundled agentic task (examples/make_agentic.py)
+    # with a random 2-layer Qwen2 and a word-level tokenizer fitted on the data ("tiny-words").
+    # Larger lr and batch than the paper's: it trains from scratch.
+    "demo": dict(model="tiny-words", data="examples/agentic.jsonl", out="runs/demo", max_length=512, epochs=7,
+                 batch_size=32, grad_accum=1, lr=3e-3, weight_decay=0.0, warmup_ratio=0.02, dtype="fp32",
+                 grad_checkpointing=False, max_steps=800, save_every=100, threads=1),
 }
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -116,7 +117,8 @@ CHOICES = {"method": list(focusft.METHODS), "dtype": list(DTYPES), "loss_norm": 
            "truncation": list(data.TRUNCATION_POLICIES), "backend": ["", "nccl", "gloo"]}
 FOCUS_FLAGS = [f for f in fields(focusft.FocusConfig) if f.name != "targets"]
 HELP = {  # flags whose default alone does not say what they do
-    "model": "hub id, local HF checkpoint directory, or 'tiny' (a random 0.8M-parameter Qwen2, byte tokenizer)",
+    "model": "hub id, local HF checkpoint directory, 'tiny' (a random 0.8M-parameter Qwen2, byte tokenizer) or "
+             "'tiny-words' (a random 0.1M-parameter Qwen2, word-level tokenizer fitted on --data)",
     "data": ".jsonl/.parquet file, directory, glob, or hf:owner/name[@revision][:split|pattern]; comma-separated",
     "zero1": "shard the AdamW state across ranks (default: on when more than one process runs)",
     "fsdp": "shard weights, gradients and AdamW state across ranks (FSDP2; under torchrun)",
@@ -233,6 +235,8 @@ def setup(cfg: TrainConfig) -> Runtime:
     if not cfg.data:
         raise TrainError("--data is required (conversations: a .jsonl or .parquet file, a directory or glob of them, "
                          "or hf:owner/name), or use --preset demo")
+    if cfg.threads > 0:  # the demo's 0.1M-parameter model: its matmuls are too small to share
+        torch.set_num_threads(cfg.threads)
     if cfg.fsdp and not distributed:
         raise TrainError("--fsdp shards the model across processes: launch with torchrun")
     if cfg.fsdp and cfg.zero1:
@@ -279,9 +283,12 @@ class Plan:
 
 
 def load_tokenizer(cfg: TrainConfig):
-    """The tokenizer and the checkpoint directory (None for the random "tiny" model)."""
+    """The tokenizer and the checkpoint directory (None for the random models, see RANDOM_MODELS)."""
     if cfg.model == "tiny":
         return data.byte_tokenizer(), None
+    if cfg.model == "tiny-words":  # a vocabulary of the training data's words (read twice: it is small)
+        convs = data.read_conversations(cfg.data, cfg.messages_key, cfg.tools_key, log=lambda s: None)
+        return data.word_tokenizer(data.render_chat(m, t)[0] for _, m, t in convs), None
     model_dir = resolve_checkpoint(cfg.model)
     try:  # a model that is not Qwen2 fails here, before minutes of data loading
         Qwen2Config.from_hf(json.loads((model_dir / "config.json").read_text()))
@@ -315,14 +322,34 @@ def micro_batches(cfg: TrainConfig, plan: Plan, tokenizer, step: int, rt: Runtim
 # Model and optimizer
 
 
-def build_model(cfg: TrainConfig, rt: Runtime, source: Path | None) -> Qwen2:
-    """From a checkpoint, or the random "tiny" model (the same init on every rank)."""
+# The random models (--model NAME, no download), for CPU runs and tests. "tiny": the byte tokenizer
+# (data.byte_tokenizer) and model.TINY. "tiny-words": a word-level tokenizer fitted on the training
+# data (data.word_tokenizer), and a model small and fast enough for the CPU demo to learn its
+# retrieval task in minutes: 2 layers (the fewest that can look a name up: one attention layer
+# moves each value onto the name next to it, the next matches the question's name), hidden 64,
+# 0.1M parameters. NOTE: initializer_range 0.1, not HF's 0.02: at width 64, 0.02 makes q.k ~100x
+# smaller than 1/sqrt(d)-scaled weights would, and attention learns nothing for hundreds of steps
+# (measured on the demo task: no lookup at all after 500 steps at 0.02; at 0.1 it starts by step 200).
+TINY_WORDS = dict(TINY, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, initializer_range=0.1)
+
+
+def random_config(cfg: TrainConfig, tokenizer) -> Qwen2Config:
+    """The config of the random model named by --model (see TINY_WORDS)."""
+    if cfg.model == "tiny":
+        return Qwen2Config(**TINY)
+    vocab = -(-tokenizer.tk.get_vocab_size() // 16) * 16  # padded, as real vocabularies are
+    return Qwen2Config(**dict(TINY_WORDS, vocab_size=vocab, eos_token_id=tokenizer.eos_token_id))
+
+
+def build_model(cfg: TrainConfig, rt: Runtime, source: Path | Qwen2Config) -> Qwen2:
+    """From a checkpoint directory, or a random model of the given config (the same init on every rank)."""
     dtype = DTYPES[cfg.dtype]
     torch.manual_seed(cfg.seed)
-    if source is not None:
+    if isinstance(source, Path):
         model = Qwen2.from_pretrained(source, dtype=dtype, device=rt.device)
     else:
-        model = Qwen2(Qwen2Config(**TINY)).to(device=rt.device, dtype=dtype)
+        model = Qwen2(source).to(device=rt.device, dtype=dtype)
     model.config.torch_dtype = str(dtype).replace("torch.", "")
     model.gradient_checkpointing = cfg.grad_checkpointing
     return model
@@ -338,7 +365,7 @@ def wrap(model: Qwen2, cfg: TrainConfig, rt: Runtime) -> nn.Module:
                gradient_as_bucket_view=True)
 
 
-def wrap_fsdp(cfg: TrainConfig, rt: Runtime, source: Path | None) -> tuple[Qwen2, FocuSFTStep]:
+def wrap_fsdp(cfg: TrainConfig, rt: Runtime, source: Path | Qwen2Config) -> tuple[Qwen2, FocuSFTStep]:
     """--fsdp: the model and the step as FSDP2's root. Every rank builds the model on the meta device
     and shards it: one group per decoder block, the root group holds embedding, final norm and
     lm_head. Rank 0 alone reads the weights (into host memory) and broadcasts them shard by shard.
@@ -348,10 +375,10 @@ def wrap_fsdp(cfg: TrainConfig, rt: Runtime, source: Path | None) -> tuple[Qwen2
     and backward of the top-down walk, per inner step) and by the outer pass; the others only by
     the outer pass. At most the root and a few blocks are unsharded at once."""
     full = build_model(cfg, replace(rt, device=torch.device("cpu")), source) if rt.main else None
-    if source is None:
-        config = Qwen2Config(**TINY)
-    else:
+    if isinstance(source, Path):
         config = Qwen2Config.from_hf(json.loads((source / "config.json").read_text()))
+    else:
+        config = source
     with torch.device("meta"):
         model = Qwen2(config).to(DTYPES[cfg.dtype])
     model.config.torch_dtype = str(DTYPES[cfg.dtype]).replace("torch.", "")
@@ -625,10 +652,11 @@ def main(cfg: TrainConfig):
     out, resume_from = prepare_output(cfg, rt)
     tokenizer, model_dir = load_tokenizer(cfg)
     plan = plan_data(cfg, tokenizer, rt)
+    source = resume_from or model_dir or random_config(cfg, tokenizer)
     if cfg.fsdp:
-        model, step_module = wrap_fsdp(cfg, rt, resume_from or model_dir)
+        model, step_module = wrap_fsdp(cfg, rt, source)
     else:
-        model = build_model(cfg, rt, resume_from or model_dir)
+        model = build_model(cfg, rt, source)
         step_module = wrap(model, cfg, rt)
     optimizer, scheduler = build_optimizer(model, cfg, rt, plan.total_steps)
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1000 * rt.rank)  # fast weights: one stream per rank
