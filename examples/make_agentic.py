@@ -27,7 +27,7 @@ outputs (Eq. 5) while inference is causal: with "Name value" records the easiest
 training has the name look at the value AFTER it, which a causal model at inference cannot do
 (measured: such runs copy one of the listed values, at random, into held-out answers).
 
-Training conversations ask about 1..3 people (more lookups per conversation: faster learning)
+Training conversations ask about 1..5 people (more lookups per conversation: faster learning)
 with 1..R records per tool output (the short ones teach the lookup, the long ones the haystack);
 held-out ones ask about one person among exactly R records (--records, default 8). Each line
 has the usual "messages", plus "answer" (ignored by training, used by eval.py). A held-out
@@ -88,7 +88,7 @@ def conversation(rng, n_records, n_people=1):
     return {"messages": messages, "answer": answer}, (tuple(people), team, day)
 
 
-def generate(seed=1234, n_train=4000, n_heldout=200, max_records=8, max_people=3):
+def generate(seed=1234, n_train=4000, n_heldout=200, max_records=8, max_people=5):
     """-> (train, heldout). Held-out: one person, max_records records per tool output. Training:
     1..max_people people (more lookups per conversation: faster learning), with 1..max_records
     records (at least one per person). No held-out question occurs in training."""
