@@ -1,10 +1,16 @@
 """
 Chat data for FocuSFT: agentic conversations -> token ids, loss masks, segment labels, batches.
 
-Input is the JSONL format TRL and the HF ecosystem use, one conversation per line:
+A conversation is the messages/tools format of TRL and the HF ecosystem:
 
     {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": ...}, ...],
      "tools": [{"type": "function", "function": {...}}, ...]}            # "tools" is optional
+
+stored one per line in a JSONL file, or one per row in a parquet file (columns "messages" and
+optionally "tools"; other names with messages_key / tools_key, --messages-key / --tools-key). `--data`
+names a file, a directory or glob of them, or a hub dataset "hf:owner/name[@revision][:split or file
+pattern]"; several sources comma-separated (resolve_sources). Parquet needs pyarrow, an optional
+dependency (pip install pyarrow); JSONL does not.
 
 - `content` is a string, or a list of {"type": "text", "text": ...} parts (joined with "").
 - An assistant message may carry `tool_calls`, each {"type": "function", "function": {"name",
@@ -12,16 +18,24 @@ Input is the JSONL format TRL and the HF ecosystem use, one conversation per lin
   STRING, which we parse first. NOTE: the Qwen2.5 template itself does not parse it: a string is
   run through `tojson` again and the model is trained on '"{\\"city\\": \\"Oslo\\"}"', a silent
   data bug in OpenAI-style data. We render the parsed object, i.e. what the model must emit.
-- Extra keys (e.g. "answer", "name", "tool_call_id") are ignored.
+- `messages` and `tools` may also be JSON strings (common on the hub): they are parsed first.
+- NOTE: a parquet column has ONE type for all rows, so objects of different shapes are merged:
+  `arguments` {"city": ...} in one call and {"query": ...} in another are stored, and read back, as
+  {"city": ..., "query": null} in both; the same happens to the `properties` of different tools. We
+  render what the file holds, nulls included, as the template and the authors' loader do, and log a
+  note; store such objects as JSON strings to keep them apart.
+- Extra keys (e.g. "answer", "name", "tool_call_id") are ignored; so is "enable_thinking" (a Qwen3
+  template switch; Qwen2.5's template has no thinking mode), with a note when present.
 
 Pipeline, one function per step:
 
-    validate_conversation  JSON object -> normalised messages (DataError names file:line)
+    resolve_sources        --data -> .jsonl / .parquet files (hub datasets fetched into the HF cache)
+    read_conversations     files -> validated, normalised messages; errors name file:line or file:row N
     render_chat            messages -> text, exactly the Qwen2.5 chat template (written by hand,
                            no jinja), plus the character spans of every segment
     encode_chat            text -> ids with ONE call to the tokenizer; loss mask and segment labels
                            come from the encoding's character offsets
-    load_dataset           file -> samples, truncated to max_length, empty ones dropped and counted
+    load_dataset           all of the above, truncated to max_length, empty samples dropped and counted
     collate / epoch_batches   samples -> right-padded (B, S) batches, deterministic per (seed, epoch)
 
 Loss mask (the authors' convention): an assistant turn is rendered as
@@ -37,8 +51,12 @@ Run `python data.py show --data examples/agentic.jsonl --index 0` to see what th
 """
 
 import argparse
+import fnmatch
+import glob
 import json
 import math
+import os
+import re
 import statistics
 import sys
 from dataclasses import dataclass
@@ -65,6 +83,10 @@ SEGMENT_NAMES = ("system/user", "tool", "assistant header", "response")
 
 ROLES = ("system", "user", "assistant", "tool")
 TRUNCATION_POLICIES = ("right", "left", "drop", "error")
+DATA_SUFFIXES = (".jsonl", ".parquet")  # what a directory, a glob or a hub dataset contributes
+# Words that name a split in a hub dataset's file paths (the hub's own convention).
+SPLIT_WORDS = ("train", "training", "validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation")
+THINKING_KEY = "enable_thinking"  # a Qwen3 template switch some datasets carry per conversation; unused here
 
 # The fixed text of the tools block in the system turn (Qwen2.5 template, verbatim).
 TOOLS_HEAD = (
@@ -310,7 +332,9 @@ def _content_text(content, where):
 def _tool_call(call, where):
     if not isinstance(call, dict):
         raise DataError(f"{where}: must be an object, got {_type(call)}")
-    f = call["function"] if "function" in call else call  # OpenAI shape or {name, arguments}
+    # OpenAI shape or {name, arguments}. `function` may be present but null: a parquet column holding
+    # both shapes gives every row both keys.
+    f = call["function"] if call.get("function") is not None else call
     if not isinstance(f, dict):
         raise DataError(f"{where}: 'function' must be an object, got {_type(f)}")
     name = f.get("name")
@@ -329,11 +353,22 @@ def _tool_call(call, where):
     return {"name": name, "arguments": args}
 
 
-def _normalize_messages(messages, where):
+def _from_json_string(value, key, where):
+    """Hub datasets often store nested fields as JSON strings (one Arrow type fits all rows): parse them."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise DataError(f"{where}: {key!r} must be a list, got a string (that is not valid JSON either)") from None
+
+
+def _normalize_messages(messages, where, key="messages"):
+    messages = _from_json_string(messages, key, where)
     if not isinstance(messages, list):
-        raise DataError(f"{where}: 'messages' must be a list, got {_type(messages)}")
+        raise DataError(f"{where}: {key!r} must be a list, got {_type(messages)}")
     if not messages:
-        raise DataError(f"{where}: 'messages' is empty")
+        raise DataError(f"{where}: {key!r} is empty")
     out = []
     for i, m in enumerate(messages):
         at = f"{where}: message {i}"
@@ -361,22 +396,25 @@ def _normalize_messages(messages, where):
     return out
 
 
-def _normalize_tools(tools, where):
+def _normalize_tools(tools, where, key="tools"):
+    """Tool schemas are rendered as they are (`tojson`), null-valued keys included (module docstring)."""
+    tools = _from_json_string(tools, key, where)
     if tools is None:
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise DataError(f"{where}: 'tools' must be a list of objects (function schemas)")
+        raise DataError(f"{where}: {key!r} must be a list of objects (function schemas), got {_type(tools)}")
     return tools or None  # [] renders like no tools at all (the template tests `if tools`)
 
 
-def validate_conversation(obj, where: str):
+def validate_conversation(obj, where: str, messages_key="messages", tools_key="tools"):
     """Check one parsed JSONL line; raise DataError("<where>: <what is wrong>") or return the
     normalised (messages, tools)."""
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object with a 'messages' list, got {_type(obj)}")
-    if "messages" not in obj:
-        raise DataError(f"{where}: missing 'messages'")
-    return _normalize_messages(obj["messages"], where), _normalize_tools(obj.get("tools"), where)
+        raise DataError(f"{where}: expected a JSON object with a {messages_key!r} list, got {_type(obj)}")
+    if messages_key not in obj:
+        raise DataError(f"{where}: missing {messages_key!r}")
+    return (_normalize_messages(obj[messages_key], where, messages_key),
+            _normalize_tools(obj.get(tools_key), where, tools_key))
 
 
 # -----------------------------------------------------------------------------
@@ -488,15 +526,115 @@ def _encode_many(tokenizer, conversations, chunk=256):
 
 
 # -----------------------------------------------------------------------------
-# Loading a JSONL file
+# Sources: what --data names -> a list of .jsonl / .parquet files
 
 
-def _read_conversations(path):
-    """-> [(where, messages, tools)], every line validated. Blank lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    out = []
+def _is_pattern(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _names_files(selector: str) -> bool:
+    """In hf:owner/name:<selector>, a file pattern or file name (else a split name)."""
+    return _is_pattern(selector) or selector.endswith(DATA_SUFFIXES)
+
+
+def _files_in(directory: Path) -> list[Path]:
+    """Every .jsonl / .parquet file below `directory`, sorted; hidden folders (.cache, .git) skipped."""
+    return sorted(p for p in directory.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+
+
+def _names_split(relpath: str, split: str) -> bool:
+    # The hub's file-naming rule: the split is a word of the path ("train/...", "data/train-00000-of-00001.parquet",
+    # "sft.train.jsonl"), delimited by "/", "-", "_", ".", " " or digits.
+    return re.search(rf"(^|[/\-_. 0-9]){re.escape(split)}($|[/\-_. 0-9])", relpath) is not None
+
+
+def _select_split(files, root, selector, spec):
+    """Files of the repository snapshot at `root` that `selector` (a split or a file pattern) picks."""
+    rel = [f.relative_to(root).as_posix() for f in files]
+    if not files:
+        raise DataError(f"{spec}: the repository has no .parquet or .jsonl file (the formats read here)")
+    if _names_files(selector):
+        chosen = [f for f, r in zip(files, rel) if fnmatch.fnmatchcase(r, selector)]
+        what = f"matching {selector!r}"
+    else:
+        split = selector or "train"
+        chosen = [f for f, r in zip(files, rel) if _names_split(r, split)]
+        # As on the hub: when no file names a split, the whole repository is the train split.
+        if not chosen and split == "train" and not any(_names_split(r, s) for r in rel for s in SPLIT_WORDS):
+            chosen = list(files)
+        what = f"of split {split!r}"
+    if not chosen:
+        listing = ", ".join(rel[:20]) + (" ..." if len(rel) > 20 else "")
+        raise DataError(f"{spec}: no .parquet or .jsonl file {what} (files: {listing}); "
+                        f"pick a split (hf:owner/name:test) or a file pattern (hf:owner/name:data/*.parquet)")
+    return chosen
+
+
+def _hub_files(spec: str, log) -> list[Path]:
+    """hf:owner/name[@revision][:split or file pattern] -> local files, fetched with huggingface_hub
+    into its cache. Like a model, the dataset is downloaded once; later runs (and HF_HUB_OFFLINE=1)
+    read the cache. Only .parquet and .jsonl files are fetched (all, or those a file pattern selects).
+    The snapshot's folder, logged, is named after the commit: pass it as @revision to pin the data.
+    """
+    repo_revision, _, selector = spec[len("hf:"):].partition(":")
+    repo, at, revision = repo_revision.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")) or (at and not revision):
+        raise DataError(f"{spec}: expected hf:owner/name[@revision], optionally followed by :split or "
+                        f":<file pattern>")
+    pattern = selector if _names_files(selector) else None
+    try:
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(repo, repo_type="dataset", revision=revision or None,
+                                      allow_patterns=[pattern] if pattern else [f"*{s}" for s in DATA_SUFFIXES]))
+    except Exception as e:  # offline, DNS, 404, gated, auth: all mean "not fetched"
+        raise DataError(f"could not fetch the dataset {repo} from the Hugging Face hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}). Without network access, fetch it once where "
+                        f"there is (it is then cached, and HF_HUB_OFFLINE=1 reads the cache), or download its files "
+                        f"and pass their directory: --data /path/to/dir") from None
+    files = _select_split(_files_in(root), root, selector, spec)
+    log(f"data {spec}: {len(files)} file{'s' * (len(files) != 1)} from {root}")
+    return files
+
+
+def resolve_sources(spec, log=print) -> list[Path]:
+    """--data -> files. Comma-separated sources, each one of: a file (.parquet, or JSONL whatever its
+    name), a directory (its .jsonl and .parquet files, recursively), a glob ("shards/*.parquet"), or a
+    hub dataset "hf:owner/name" (train split), "hf:owner/name:split", "hf:owner/name:<file pattern>",
+    each optionally pinned to a commit or tag: "hf:owner/name@<revision>:split"."""
+    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    if not parts:
+        raise DataError("no data given (expected a .jsonl or .parquet file, a directory, a glob or hf:owner/name)")
+    files = []
+    for part in parts:
+        path = Path(part).expanduser()
+        if part.startswith("hf:"):
+            found = _hub_files(part, log)
+        elif path.is_dir():
+            found = _files_in(path)
+        elif _is_pattern(part):
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True)
+                           if p.endswith(DATA_SUFFIXES) and os.path.isfile(p))
+        elif path.is_file():
+            found = [path]
+        else:
+            hub_like = part.count("/") == 1 and not part.startswith((".", "/", "~"))
+            raise DataError(f"{path}: no such file" + (f" (a hub dataset is written hf:{part})" if hub_like else ""))
+        if not found:
+            raise DataError(f"{part}: no .jsonl or .parquet file found")
+        files += found
+    return files
+
+
+# -----------------------------------------------------------------------------
+# Reading: JSONL lines and parquet rows -> [(where, messages, tools)], every one validated
+
+
+def _read_jsonl(path: Path, messages_key, tools_key):
+    """-> (conversations, how many carry enable_thinking). Blank lines are skipped; `where` is file:line."""
+    out, thinking = [], 0
     for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         where = f"{path}:{lineno}"
         try:
@@ -509,10 +647,76 @@ def _read_conversations(path):
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        out.append((where, *validate_conversation(obj, where)))
+        out.append((where, *validate_conversation(obj, where, messages_key, tools_key)))
+        thinking += obj.get(THINKING_KEY) is not None
     if not out:
         raise DataError(f"{path}: file is empty (expected one JSON conversation per line)")
-    return out
+    return out, thinking
+
+
+def _pyarrow_parquet(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # optional: only parquet input needs it
+        raise DataError(f"{path}: reading parquet needs pyarrow, which is not installed: pip install pyarrow") from None
+    return pq
+
+
+def _read_parquet(path: Path, messages_key, tools_key):
+    """-> (conversations, how many carry enable_thinking); `where` is "file:row N" (0-based, as in
+    `datasets` and pandas). Only the columns used are read.
+
+    Arrow's to_pylist() turns list and struct columns into plain Python lists and dicts (never numpy
+    arrays, which pandas would give and which the authors' loader converts back with `_to_list`).
+    """
+    pq = _pyarrow_parquet(path)
+    try:
+        names = pq.read_schema(path).names
+    except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...: not a parquet file we can read
+        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    if messages_key not in names:
+        raise DataError(f"{path}: no column {messages_key!r} (columns: {', '.join(names)}); "
+                        f"name the conversation column with --messages-key")
+    columns = list(dict.fromkeys(c for c in (messages_key, tools_key, THINKING_KEY) if c in names))
+    table = pq.read_table(path, columns=columns)
+    if table.num_rows == 0:
+        raise DataError(f"{path}: file is empty (no rows)")
+    messages = table.column(messages_key).to_pylist()
+    tools = table.column(tools_key).to_pylist() if tools_key in columns else [None] * table.num_rows
+    out = []
+    for i, (m, t) in enumerate(zip(messages, tools)):
+        where = f"{path}:row {i}"
+        out.append((where, _normalize_messages(m, where, messages_key), _normalize_tools(t, where, tools_key)))
+    thinking = table.num_rows - table.column(THINKING_KEY).null_count if THINKING_KEY in columns else 0
+    return out, thinking
+
+
+def read_conversations(spec, messages_key="messages", tools_key="tools", log=print):
+    """--data -> [(where, messages, tools)] over all its files, in order, every conversation validated."""
+    convs, thinking = [], 0
+    for path in resolve_sources(spec, log):
+        c, t = (_read_parquet if path.suffix == ".parquet" else _read_jsonl)(path, messages_key, tools_key)
+        convs += c
+        thinking += t
+    if thinking:
+        log(f"note: {thinking} conversations set {THINKING_KEY!r}; it is ignored, as Qwen2.5's chat "
+            "template has no thinking mode (Qwen3's has)")
+    nulls = sum(_has_null(tools) or any(_has_null(c["arguments"]) for m in ms for c in m["tool_calls"])
+                for _, ms, tools in convs)
+    if nulls:
+        log(f"note: {nulls} conversations have null values in tool schemas or call arguments, rendered as "
+            "stored; in parquet these are often other rows' keys (one struct type per column: see data.py)")
+    return convs
+
+
+def _has_null(x) -> bool:
+    if isinstance(x, dict):
+        return any(v is None or _has_null(v) for v in x.values())
+    return isinstance(x, list) and any(v is None or _has_null(v) for v in x)
+
+
+# -----------------------------------------------------------------------------
+# Loading: conversations -> truncated samples with a summary line
 
 
 def _truncate(sample, where, max_length, policy):
@@ -566,37 +770,30 @@ def _summary(name, st):
     return line
 
 
-def load_dataset(path, tokenizer: Tokenizer, max_length=4096, truncation="right", log=print) -> list[Sample]:
-    """Read, validate, render, encode and truncate a JSONL file; log one summary line.
+def load_dataset(data, tokenizer: Tokenizer, max_length=4096, truncation="right", log=print,
+                 messages_key="messages", tools_key="tools") -> list[Sample]:
+    """Read, validate, render, encode and truncate conversations; log one summary line.
 
+    data: what resolve_sources accepts (files, directories, globs, hf:owner/name, comma-separated).
+    messages_key / tools_key: the column (parquet) or key (JSONL) holding the messages and the tools.
     truncation: right (keep the start) | left (keep the end) | drop (skip long samples) | error.
     A sample left without any supervised token is dropped and counted, never trained on.
     """
-    convs = _read_conversations(path)
+    convs = read_conversations(data, messages_key, tools_key, log)
     samples, st = _build(convs, tokenizer, max_length, truncation)
-    log(_summary(Path(path).name, st))
+    log(_summary(_display_name(data), st))
     if not samples:
-        raise DataError(f"{path}: no supervised token in any conversation (need assistant turns within "
+        raise DataError(f"{data}: no supervised token in any conversation (need assistant turns within "
                         f"max_length={max_length}): nothing to train on")
     return samples
 
 
+def _display_name(data) -> str:
+    return Path(data).name if Path(str(data)).is_file() else str(data)
+
+
 # -----------------------------------------------------------------------------
 # Batching
-
-
-class ChatDataset(torch.utils.data.Dataset):
-    """Samples as a map-style dataset, so torch's samplers (DistributedSampler) apply."""
-
-    def __init__(self, samples: list[Sample]):
-        self.samples = samples
-        self.lengths = [len(s.input_ids) for s in samples]
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i) -> Sample:
-        return self.samples[i]
 
 
 def collate(samples: list[Sample], pad_id: int) -> dict:
@@ -653,10 +850,10 @@ def _cli_tokenizer(path):
     return load_tokenizer(path) if path else byte_tokenizer()
 
 
-def show(data, index, tokenizer):
-    convs = _read_conversations(data)
+def show(data, index, tokenizer, messages_key="messages", tools_key="tools"):
+    convs = read_conversations(data, messages_key, tools_key, log=lambda line: print(line, file=sys.stderr))
     if not 0 <= index < len(convs):
-        raise DataError(f"{data}: --index {index} out of range (the file has {len(convs)} conversations, 0-based)")
+        raise DataError(f"{data}: --index {index} out of range ({len(convs)} conversations, 0-based)")
     where, messages, tools = convs[index]
     text, pieces = _render(messages, tools, False, tokenizer.default_system)
     enc = tokenizer.tk.encode(text, add_special_tokens=False)
@@ -679,10 +876,10 @@ def show(data, index, tokenizer):
     print("".join(out), end="" if text.endswith("\n") else "\n")
 
 
-def stats(data, tokenizer, max_length, truncation):
-    convs = _read_conversations(data)
+def stats(data, tokenizer, max_length, truncation, messages_key="messages", tools_key="tools"):
+    convs = read_conversations(data, messages_key, tools_key)
     samples, st = _build(convs, tokenizer, max_length, truncation)
-    print(_summary(Path(data).name, st))
+    print(_summary(_display_name(data), st))
     roles = {r: sum(m["role"] == r for _, ms, _ in convs for m in ms) for r in ROLES}
     calls = sum(len(m["tool_calls"]) for _, ms, _ in convs for m in ms)
     print("messages: " + ", ".join(f"{r} {c}" for r, c in roles.items()) + f" | tool calls {calls} | "
@@ -696,25 +893,33 @@ def stats(data, tokenizer, max_length, truncation):
         print(f"supervised tokens per sample: mean {statistics.fmean(sup):.1f}, min {min(sup)}, max {max(sup)}")
 
 
+DATA_HELP = ("conversations: a .jsonl or .parquet file, a directory or glob of them, or a hub dataset "
+             "hf:owner/name[@revision][:split or file pattern]; several comma-separated")
+
+
 def main(argv=None):
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", required=True, help=DATA_HELP)
+    common.add_argument("--tokenizer", default=None,
+                        help="model directory with tokenizer.json (default: byte tokenizer)")
+    common.add_argument("--messages-key", default="messages", help="column (parquet) or key (JSONL) of the messages")
+    common.add_argument("--tools-key", default="tools", help="column (parquet) or key (JSONL) of the tool schemas")
     p = argparse.ArgumentParser(description="Inspect chat data as the model sees it.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    ps = sub.add_parser("show", help="print one conversation with the supervised tokens highlighted")
-    ps.add_argument("--data", required=True, help="JSONL file")
-    ps.add_argument("--index", type=int, default=0, help="conversation index (0-based, blank lines skipped)")
-    ps.add_argument("--tokenizer", default=None, help="model directory with tokenizer.json (default: byte tokenizer)")
-    pt = sub.add_parser("stats", help="counts and token lengths")
-    pt.add_argument("--data", required=True, help="JSONL file")
-    pt.add_argument("--tokenizer", default=None, help="model directory with tokenizer.json (default: byte tokenizer)")
+    ps = sub.add_parser("show", parents=[common], help="print one conversation with the supervised tokens highlighted")
+    ps.add_argument("--index", type=int, default=0,
+                    help="conversation index (0-based, over all files in order; blank lines skipped)")
+    pt = sub.add_parser("stats", parents=[common], help="counts and token lengths")
     pt.add_argument("--max-length", type=int, default=4096)
     pt.add_argument("--truncation", default="right", choices=TRUNCATION_POLICIES)
     args = p.parse_args(argv)
+    keys = dict(messages_key=args.messages_key, tools_key=args.tools_key)
     try:
         tok = _cli_tokenizer(args.tokenizer)
         if args.cmd == "show":
-            show(args.data, args.index, tok)
+            show(args.data, args.index, tok, **keys)
         else:
-            stats(args.data, tok, args.max_length, args.truncation)
+            stats(args.data, tok, args.max_length, args.truncation, **keys)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1987,7 +1987,8 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="attention sinks and context engagement (paper §4.4, Figs. 2, 3, 6)")
     an.add_argument("--model", required=True, help="checkpoint directory (HF layout) or hub id")
     an.add_argument("--data", default=str(REPO / "examples" / "agentic-heldout.jsonl"),
-                    help="multi-turn agentic conversations (JSONL)")
+                    help="multi-turn agentic conversations: .jsonl/.parquet file, directory, glob or "
+                         "hf:owner/name[:split]")
     an.add_argument("--index", nargs="+", type=int, default=[0], help="which conversations (0-based)")
     an.add_argument("--max-length", type=int, default=4096, help="truncate samples to this many tokens")
     an.add_argument("--layer", type=int, default=None, help="heatmap/profile layer (default: the middle one)")

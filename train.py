@@ -2,7 +2,7 @@
 Fine-tune a Qwen2 / Qwen2.5 model with FocuSFT (or one of its ablations).
 
     python train.py --preset demo                                  # tiny model, bundled data, CPU, minutes
-    torchrun --nproc_per_node 8 train.py --data agentic.jsonl      # the paper's run: Qwen2.5-7B, bf16
+    torchrun --nproc_per_node 8 train.py --data hf:Gen-Verse/Open-AgentRL-SFT-3K   # the paper's run: Qwen2.5-7B, bf16
 
 `main` reads as its phases: setup -> output dir -> data -> model -> optimizer -> resume -> loop
 (train_step, log, save) -> final checkpoint. `train_step` is one optimizer step and is also what
@@ -61,7 +61,9 @@ class TrainConfig:
     own settings (--method, --inner-steps, --lora-rank, ...) are focusft.FocusConfig's, in `focus`."""
     # what to train
     model: str = "Qwen/Qwen2.5-7B"  # hub id, local HF directory, or "tiny" (random, byte tokenizer)
-    data: str = ""  # JSONL of {"messages": [...], "tools": [...]} conversations
+    data: str = ""  # .jsonl/.parquet file, directory, glob or hf:owner/name[@rev][:split|pattern]; comma-separated
+    messages_key: str = "messages"  # the column (parquet) or key (JSONL) of the messages
+    tools_key: str = "tools"  # ... and of the tools
     out: str = "runs/focusft"
     max_length: int = 4096
     truncation: str = "right"  # right | left | drop | error
@@ -119,6 +121,16 @@ CHOICES = {"method": list(focusft.METHODS), "dtype": list(DTYPES), "loss_norm": 
            "clip_mode": ["per-tensor", "global"], "inner_grad": ["grad", "vjp"],
            "truncation": list(data.TRUNCATION_POLICIES), "backend": ["", "nccl", "gloo"]}
 FOCUS_FLAGS = [f for f in fields(focusft.FocusConfig) if f.name != "targets"]
+HELP = {  # flags whose default alone does not say what they do
+    "model": "hub id, local HF checkpoint directory, or 'tiny' (a random 0.8M-parameter Qwen2, byte tokenizer)",
+    "data": ".jsonl/.parquet file, directory, glob, or hf:owner/name[@revision][:split|pattern]; comma-separated",
+    "zero1": "shard the AdamW state across ranks (default: on when more than one process runs)",
+    "fsdp": "shard weights, gradients and AdamW state across ranks (FSDP2; under torchrun)",
+    "method": "the paper's 2x2 ablation (Table 3)",
+    "inner_grad": "grad: torch.func.grad; vjp: the same gradients, less memory",
+    "loss_chunk": "supervised positions per piece of the cross-entropy (bounds the N x vocab log-probs)",
+    "save_every": "write OUT/step-N/ (with optimizer and RNG state) every N optimizer steps; 0: final model only",
+}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -128,10 +140,14 @@ def parse_args(argv=None) -> TrainConfig:
     for f in [f for f in fields(TrainConfig) if f.name != "focus"] + FOCUS_FLAGS:
         flag = "--" + f.name.replace("_", "-")
         if f.type.startswith("bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default: {f.default}")
+            default = f"default: {f.default}"
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=HELP[f.name] if f.name in HELP and f.default is None else
+                           "; ".join(filter(None, (HELP.get(f.name), default))))
         else:
             p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=None,
-                           choices=CHOICES.get(f.name), help=f"default: {f.default!r}")
+                           choices=CHOICES.get(f.name),
+                           help="; ".join(filter(None, (HELP.get(f.name), f"default: {f.default!r}"))))
     args = vars(p.parse_args(argv))
     preset = PRESETS[args.pop("preset")] if args.get("preset") else {}
     args.pop("preset", None)
@@ -174,8 +190,9 @@ class FocuSFTStep(nn.Module):
 
 
 # Settings a resumed run must share with the run it continues (data order, schedule, method).
-RESUME_MUST_MATCH = ("data", "method", "max_length", "truncation", "epochs", "batch_size", "grad_accum", "lr",
-                     "warmup_ratio", "max_steps", "seed", "group_by_length", "loss_norm", "fsdp")
+RESUME_MUST_MATCH = ("data", "messages_key", "tools_key", "method", "max_length", "truncation", "epochs",
+                     "batch_size", "grad_accum", "lr", "warmup_ratio", "max_steps", "seed", "group_by_length",
+                     "loss_norm", "fsdp")
 
 
 # -----------------------------------------------------------------------------
@@ -220,7 +237,8 @@ def setup(cfg: TrainConfig) -> Runtime:
     if backend == "nccl" and device.type != "cuda":
         raise TrainError("--backend nccl needs CUDA GPUs; use gloo on CPU (the default there)")
     if not cfg.data:
-        raise TrainError("--data is required (a JSONL file of conversations), or use --preset demo")
+        raise TrainError("--data is required (conversations: a .jsonl or .parquet file, a directory or glob of them, "
+                         "or hf:owner/name), or use --preset demo")
     if cfg.fsdp and not distributed:
         raise TrainError("--fsdp shards the model across processes: launch with torchrun")
     if cfg.fsdp and cfg.zero1:
@@ -279,7 +297,8 @@ def load_tokenizer(cfg: TrainConfig):
 
 
 def plan_data(cfg: TrainConfig, tokenizer, rt: Runtime) -> Plan:
-    samples = data.load_dataset(cfg.data, tokenizer, cfg.max_length, cfg.truncation, log=rt.log)
+    samples = data.load_dataset(cfg.data, tokenizer, cfg.max_length, cfg.truncation, log=rt.log,
+                                messages_key=cfg.messages_key, tools_key=cfg.tools_key)
     lengths = [len(s.input_ids) for s in samples]
     n_micro = len(data.epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, rt.rank, rt.world))  # same every epoch
     steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
@@ -330,9 +349,10 @@ def wrap_fsdp(cfg: TrainConfig, rt: Runtime, source: Path | None) -> tuple[Qwen2
     and shards it: one group per decoder block, the root group holds embedding, final norm and
     lm_head. Rank 0 alone reads the weights (into host memory) and broadcasts them shard by shard.
 
-    FSDP gathers a block's weights for each use and frees them after: the adapted blocks are
-    gathered twice per inner step and twice for the outer pass (2k + 2 times per micro-batch, the
-    others twice), so at most the root and two blocks are unsharded at once."""
+    FSDP gathers a block's weights for each use and frees them after: an adapted block is gathered
+    at every use by the inner loop (with checkpointing: its no_grad forward, then the recompute
+    and backward of the top-down walk, per inner step) and by the outer pass; the others only by
+    the outer pass. At most the root and a few blocks are unsharded at once."""
     full = build_model(cfg, replace(rt, device=torch.device("cpu")), source) if rt.main else None
     if source is None:
         config = Qwen2Config(**TINY)
@@ -539,11 +559,11 @@ def restore(path: Path, run: dict) -> int:
     if state["world_size"] != rt.world:
         raise TrainError(f"{path} was written by {state['world_size']} process(es); resume with the same number")
     # the data order and the schedule are functions of these: resuming with others would continue elsewhere
-    now = cfg.settings()
-    changed = [k for k in RESUME_MUST_MATCH if state["config"].get(k) != now[k]]
+    now, then = cfg.settings(), {**TrainConfig().settings(), **state["config"]}  # older runs: missing = default
+    changed = [k for k in RESUME_MUST_MATCH if then[k] != now[k]]
     if changed:
         raise TrainError(f"{path} was written with other settings: " + ", ".join(
-            f"--{k.replace('_', '-')} {state['config'].get(k)!r} (now {now[k]!r})" for k in changed))
+            f"--{k.replace('_', '-')} {then[k]!r} (now {now[k]!r})" for k in changed))
     if cfg.fsdp:
         set_optimizer_state_dict(run["step_module"], run["optimizer"], state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -1,20 +1,27 @@
 """
-Benchmark data.py: load + validate + render + encode + mask N agentic conversations of ~4K tokens
-with the real Qwen2.5 tokenizer (../shared/qwen2.5-tokenizer, or --tokenizer DIR).
+Benchmark data.py: read + validate + render + encode + mask N agentic conversations of ~4K tokens
+with the real Qwen2.5 tokenizer (a local directory, or Qwen/Qwen2.5-7B-Instruct's from the hub), from JSONL and
+from parquet (the same conversations), measured side by side in one run.
 
     python -m bench.bench_data                      # 3,000 conversations of ~4K tokens
     python -m bench.bench_data --n 300 --repeat 3
 
-Target (issue): 3,000 x ~4K tokens in <= 30 s on a 2-core CPU. The conversations are synthetic but
-shaped like real agentic data: system prompt, two tool schemas, a user request, several assistant
-turns with tool calls (some with content, some with several calls), long JSON tool outputs and a
-final answer. The JSONL is written to a temporary file first; only load_dataset is timed.
+It answers two questions: how long 3,000 x ~4K tokens take on a 2-core CPU, and whether parquet
+costs more than JSONL. The
+conversations are synthetic but shaped like real agentic data: system prompt, two tool schemas, a
+user request, several assistant turns with tool calls (some with content, some with several calls),
+long JSON tool outputs and a final answer. Both files are written to a temporary directory first
+(parquet with pyarrow, which this benchmark needs); only data.py is timed. The two formats
+alternate within each repeat and medians are reported, so drifting load on a shared machine hits
+both alike. Two phases are timed: reading alone (read_conversations: parse and validate) and the
+whole of load_dataset.
 """
 
 import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -67,38 +74,89 @@ def conversation(rng, target_tokens):
     return {"messages": msgs, "tools": TOOLS}
 
 
+def write_files(convs, directory: Path):
+    """The same conversations as JSONL and as parquet. In parquet the messages are a list-of-struct
+    column; the tools are a JSON string column, as on many hub datasets: as structs the two tools'
+    `properties` would be merged into one type and read back with each other's keys as nulls."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jsonl, parquet = directory / "bench.jsonl", directory / "bench.parquet"
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for c in convs:
+            f.write(json.dumps(c, ensure_ascii=False) + "\n")
+    rows = [{"messages": c["messages"], "tools": json.dumps(c["tools"], ensure_ascii=False)} for c in convs]
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    return {"jsonl": jsonl, "parquet": parquet}
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def tokenizer_dir(name: str) -> Path:
+    """A local directory as is, else a hub id whose tokenizer files are fetched (or read from the cache)."""
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(name, "tokenizer.json")).parent
+    except Exception as e:  # offline, unknown id: all mean "not available here"
+        sys.exit(f"error: no tokenizer directory {name!r}, and fetching it from the hub failed "
+                 f"({type(e).__name__}); pass --tokenizer DIR")
+
+
 def main():
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "qwen2.5-tokenizer"
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--n", type=int, default=3000, help="number of conversations")
     p.add_argument("--tokens", type=int, default=4000, help="approximate tokens per conversation")
-    p.add_argument("--tokenizer", default=str(shared), help="directory with tokenizer.json")
-    p.add_argument("--repeat", type=int, default=1, help="timed runs (the best is reported too)")
+    p.add_argument("--tokenizer", default="Qwen/Qwen2.5-7B-Instruct",
+                   help="directory with tokenizer.json, or a hub id (its tokenizer files are fetched and cached)")
+    p.add_argument("--repeat", type=int, default=3, help="timed load_dataset runs per format (medians reported)")
+    p.add_argument("--read-repeat", type=int, default=5, help="timed read_conversations runs per format")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
     try:
-        tok = data.load_tokenizer(args.tokenizer)
+        tok = data.load_tokenizer(tokenizer_dir(args.tokenizer))
+        import pyarrow  # noqa: F401  (the benchmark writes parquet)
     except data.DataError as e:
         sys.exit(f"error: {e}")
+    except ImportError:
+        sys.exit("error: this benchmark writes parquet with pyarrow: pip install pyarrow")
     rng = random.Random(args.seed)
+    convs = [conversation(rng, args.tokens) for _ in range(args.n)]
+    quiet = lambda line: None  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bench.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            for _ in range(args.n):
-                f.write(json.dumps(conversation(rng, args.tokens), ensure_ascii=False) + "\n")
-        print(f"generated {args.n} conversations, {path.stat().st_size / 1e6:.1f} MB; "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before timing")
-        times = []
+        files = write_files(convs, Path(tmp))
+        sizes = ", ".join(f"{k} {v.stat().st_size / 1e6:.1f} MB" for k, v in files.items())
+        print(f"generated {args.n} conversations ({sizes}); {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.2f} before timing")
+        read = {k: [] for k in files}
+        for _ in range(args.read_repeat):
+            for k, path in files.items():
+                dt, got = timed(lambda: data.read_conversations(path, log=quiet))
+                read[k].append(dt)
+                assert len(got) == args.n
+        load, samples = {k: [] for k in files}, {}
         for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            samples = data.load_dataset(path, tok, max_length=4096, log=print)
-            times.append(time.perf_counter() - t0)
-        ntok = sum(len(s.input_ids) for s in samples)
-        for i, dt in enumerate(times):
-            print(f"run {i}: {dt:.2f} s | {args.n / dt:.0f} conversations/s | {ntok / dt / 1e6:.2f} M tokens/s")
-        print(f"best {min(times):.2f} s for {args.n} conversations, {ntok:,} tokens "
-              f"(mean {ntok / args.n:.0f} per conversation); load average after: {os.getloadavg()[0]:.2f}")
+            for k, path in files.items():
+                dt, samples[k] = timed(lambda: data.load_dataset(path, tok, max_length=4096, log=quiet))
+                load[k].append(dt)
+    assert samples["jsonl"] == samples["parquet"], "parquet and JSONL must give the same samples"
+    ntok = sum(len(s.input_ids) for s in samples["jsonl"])
+    print(f"{ntok:,} tokens (mean {ntok / args.n:.0f} per conversation); identical samples from both formats")
+    for phase, times in (("read_conversations", read), ("load_dataset", load)):
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for k, v in times.items():
+            print(f"{phase:18s} {k:8s} median {med[k]:6.2f} s  (runs: {', '.join(f'{t:.2f}' for t in v)})"
+                  + (f" | {args.n / med[k]:.0f} conversations/s, {ntok / med[k] / 1e6:.2f} M tokens/s"
+                     if phase == "load_dataset" else ""))
+        print(f"{phase:18s} parquet / jsonl = {med['parquet'] / med['jsonl']:.2f}x")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -270,7 +270,7 @@ def demo(steps: int = 8):
                                               learning_rate=3e-3, warmup_steps=2,
                                               logging_steps=1, save_strategy="no", report_to="none",
                                               remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
-        trainer = FocusFTTrainer(model=hf_model, args=args, train_dataset=data.ChatDataset(samples),
+        trainer = FocusFTTrainer(model=hf_model, args=args, train_dataset=samples,
                                  data_collator=partial(data.collate, pad_id=tokenizer.pad_token_id),
                                  focus=FocusConfig())
         trainer.train()

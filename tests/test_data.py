@@ -1,7 +1,9 @@
 """Tests for data.py: rendering vs transformers' apply_chat_template with the real Qwen2.5 template,
-token ids vs the real tokenizer, loss masks, bad input, truncation, batching."""
+token ids vs the real tokenizer, loss masks, bad input, truncation, parquet vs JSONL, sources
+(directories, globs, hub datasets from an offline cache), batching."""
 
 import copy
+import io
 import json
 import subprocess
 import sys
@@ -471,6 +473,314 @@ def test_truncation_policies(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# Parquet, directories, globs, hub datasets
+
+
+def arrow_table(rows):
+    """Rows -> an Arrow table, one type inferred per column (as `datasets` does), missing keys null."""
+    pa = pytest.importorskip("pyarrow")
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # from_pylist takes the first row's keys only
+    return pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows])
+
+
+def write_parquet(path, rows):
+    table = arrow_table(rows)
+    import pyarrow.parquet as pq
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return Path(path)
+
+
+def parquet_bytes(rows):
+    table = arrow_table(rows)
+    import pyarrow.parquet as pq
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def read_parquet_rows(path):
+    import pyarrow.parquet as pq
+    return pq.read_table(path).to_pylist()
+
+
+def write_jsonl(path, rows):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return Path(path)
+
+
+def quiet(*args, **kwargs):
+    return data.load_dataset(*args, log=lambda s: None, **kwargs)
+
+
+# Two files, each with one type per column: object arguments in one, JSON-string arguments in the other
+# (a column cannot hold both). Within a file every tool call has the same argument keys, so the
+# columns' merged struct types add nothing but null `tool_calls` to messages without calls.
+STRUCT_ROWS = [{"messages": CASES[n][0]} for n in ("plain", "system_first", "system_not_first", "unicode",
+                                                   "response_starts_with_newline")]
+STRUCT_ROWS.insert(3, {"messages": CASES["tools_two_calls_one_turn"][0], "tools": [WEATHER]})
+STRING_ROWS = [{"messages": CASES["string_arguments"][0], "tools": CASES["string_arguments"][1]},
+               {"messages": [{"role": "user", "content": "Find it"},
+                             {"role": "assistant", "content": None, "tool_calls": [
+                                 {"type": "function", "function": {"name": "search", "arguments": "{}"}}]},
+                             {"role": "tool", "content": "r1"}, {"role": "tool", "content": "r2"},
+                             {"role": "assistant", "content": "Found r1 and r2."}]}]
+
+
+def test_parquet_equals_jsonl_token_for_token(tmp_path, qwen):
+    rows = STRUCT_ROWS + STRING_ROWS
+    write_parquet(tmp_path / "pq" / "a.parquet", STRUCT_ROWS)
+    write_parquet(tmp_path / "pq" / "b.parquet", STRING_ROWS)
+    jsonl = write_jsonl(tmp_path / "all.jsonl", rows)
+    # what pyarrow gives back is the rows themselves, plain Python, up to the nulls of merged types
+    back = read_parquet_rows(tmp_path / "pq" / "a.parquet")
+    assert [[{k: v for k, v in m.items() if v is not None} for m in r["messages"]] for r in back] == \
+        [[{k: v for k, v in m.items() if v is not None} for m in r["messages"]] for r in STRUCT_ROWS]
+    for tok in (qwen, data.byte_tokenizer()):
+        from_jsonl = quiet(jsonl, tok)
+        from_parquet = quiet(tmp_path / "pq", tok)  # a directory: its files in sorted order
+        assert len(from_parquet) == len(rows)
+        for a, b in zip(from_parquet, from_jsonl):
+            assert a.input_ids == b.input_ids and a.loss_mask == b.loss_mask and a.segments == b.segments
+    convs = data.read_conversations(tmp_path / "pq", log=lambda s: None)
+    assert [w for w, _, _ in convs] == [f"{tmp_path / 'pq' / 'a.parquet'}:row {i}" for i in range(6)] + \
+        [f"{tmp_path / 'pq' / 'b.parquet'}:row {i}" for i in range(2)]
+
+
+def plain_python(x):
+    """True iff x is built from dict, list, str, int, float, bool and None only (no numpy, no tuples)."""
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and plain_python(v) for k, v in x.items())
+    if isinstance(x, list):
+        return all(plain_python(v) for v in x)
+    return x is None or type(x) in (str, int, float, bool)
+
+
+def test_parquet_nested_columns_become_plain_python_exactly(tmp_path):
+    tool = {"type": "function", "function": {"name": "plot", "description": "Plot — ünïcode",
+            "parameters": {"type": "object", "required": ["xs", "style"], "properties": {
+                "xs": {"type": "array", "items": {"type": "number"}, "default": [0.5, 1.0, -2.25]},
+                "grid": {"type": "array", "default": [[1, 2], [3, 4]]},
+                "style": {"type": "string", "enum": ["line", "bar"]},
+                "log": {"type": "boolean", "default": True}, "bins": {"type": "integer", "default": 10}}}}}
+    messages = [{"role": "user", "content": "plot"},
+                {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                    "name": "plot", "arguments": {"xs": [1.5, 2.0], "style": "bar", "grid": [[0]], "log": False}}}]},
+                {"role": "tool", "content": "ok"}, {"role": "assistant", "content": "Done."}]
+    path = write_parquet(tmp_path / "t.parquet", [{"messages": messages, "tools": [tool]}])
+    ((_, msgs, tools),) = data.read_conversations(path, log=lambda s: None)
+    assert tools == [tool] and plain_python(tools) and plain_python(msgs)
+    arguments = messages[1]["tool_calls"][0]["function"]["arguments"]
+    assert msgs[1]["tool_calls"] == [{"name": "plot", "arguments": arguments}] and plain_python(arguments)
+    assert data.render_chat(msgs, tools) == data.render_chat(messages, [tool])
+
+
+# Open-AgentRL-SFT-3K (the paper's training set) as its trainers read it: one parquet file with a
+# `messages` column (verl's MultiTurnSFTDataset, messages_key=messages, tools_key=tools), assistant
+# turns calling the sandbox tool `code_interpreter` in OpenAI shape with {"code": ...} arguments, its
+# output as "tool" messages, a final answer with \boxed{} or a ```python block. As `datasets` writes
+# it, every message carries every key of the column's struct type (null where unused).
+CODE_TOOL = {"type": "function", "function": {
+    "name": "code_interpreter", "description": "A tool for executing code.",
+    "parameters": {"type": "object", "properties": {"code": {"type": "string", "description": "The code to execute."}},
+                   "required": ["code"]}}}
+
+
+def agentrl_message(role, content, code=None, call_id=None):
+    calls = None if code is None else [{"id": call_id, "type": "function",
+                                        "function": {"name": "code_interpreter", "arguments": {"code": code}}}]
+    return {"role": role, "content": content, "tool_calls": calls, "tool_call_id": None if code else call_id}
+
+
+FIB = "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n"
+AGENTRL_ROWS = [
+    {"messages": [
+        agentrl_message("user", "Find the sum of the positive divisors of 360. Put the answer in \\boxed{}."),
+        agentrl_message("assistant", "I will compute it directly.",
+                        "n = 360\nprint(sum(d for d in range(1, n + 1) if n % d == 0))", "c0"),
+        agentrl_message("tool", "1170\n", call_id="c0"),
+        agentrl_message("assistant", "The divisors of 360 sum to \\boxed{1170}.")],
+     "tools": [CODE_TOOL], "enable_thinking": False},
+    {"messages": [
+        agentrl_message("system", "You are a careful competitive programmer. Test your code before answering."),
+        agentrl_message("user", "Read n and print the n-th Fibonacci number (F(1) = 1)."),
+        agentrl_message("assistant", "", FIB + "print([fib(i) for i in range(1, 8)])", "c1"),
+        agentrl_message("tool", "[1, 1, 2, 3, 5, 8, 13]\n", call_id="c1"),
+        agentrl_message("assistant", "Let me also check a large input for speed.",
+                        "import time\nt = time.time()\nfib(10**5)\nprint(round(time.time() - t) < 2)", "c2"),
+        agentrl_message("tool", 'Traceback (most recent call last):\n  File "<string>", line 3, in <module>\n'
+                                "NameError: name 'fib' is not defined\n", call_id="c2"),
+        agentrl_message("assistant", "The sandbox keeps no state; define it again.",
+                        FIB + "print(len(str(fib(10**5))))", "c3"),
+        agentrl_message("tool", "20899\n", call_id="c3"),
+        agentrl_message("assistant", "```python\nn = int(input())\na, b = 0, 1\nfor _ in range(n):\n"
+                                     "    a, b = b, a + b\nprint(a)\n```")],
+     "tools": [CODE_TOOL], "enable_thinking": False},
+]
+
+
+def test_open_agentrl_shaped_rows_render_like_the_template(tmp_path, hf_tok, qwen):
+    as_objects = write_parquet(tmp_path / "full_sft.parquet", AGENTRL_ROWS)
+    # the variant many hub datasets use: tools and arguments as JSON strings
+    strings = [{**r, "tools": json.dumps(r["tools"]), "messages": [
+        {**m, "tool_calls": m["tool_calls"] and [{**c, "function": {**c["function"], "arguments": json.dumps(
+            c["function"]["arguments"])}} for c in m["tool_calls"]]} for m in r["messages"]]} for r in AGENTRL_ROWS]
+    as_strings = write_parquet(tmp_path / "strings.parquet", strings)
+    for path in (as_objects, as_strings):
+        logs = []
+        samples = data.load_dataset(path, qwen, max_length=100_000, log=logs.append)
+        assert any("2 conversations set 'enable_thinking'; it is ignored" in line for line in logs)
+        for row, sample in zip(read_parquet_rows(path), samples):  # the rows exactly as the file holds them
+            tools = json.loads(row["tools"]) if isinstance(row["tools"], str) else row["tools"]
+            ref = hf_tok.apply_chat_template(plain_messages(row["messages"]), tools=tools, tokenize=False)
+            text, spans = data.render_chat(row["messages"], tools)
+            assert text == ref and '{"name": "code_interpreter", "arguments": {"code": "' in text
+            assert sample.input_ids == hf_tok(ref, add_special_tokens=False)["input_ids"]
+            offsets = qwen.tk.encode(ref, add_special_tokens=False).offsets
+            assert sample.loss_mask == supervised_by_offsets(ref, offsets, spans)
+        first = samples[0]
+        sup = qwen.decode([t for t, m in zip(first.input_ids, first.loss_mask) if m], skip_special_tokens=False)
+        assert sup.startswith("I will compute it directly.\n<tool_call>\n")
+        assert sup.endswith("\\boxed{1170}.<|im_end|>\n")
+
+
+def test_parquet_merged_argument_shapes_render_as_stored(tmp_path, hf_tok):
+    """Different argument objects in one column are merged into one struct type: the missing keys come
+    back as nulls, and are rendered as the template renders them (and as the authors trained)."""
+    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "roster", "arguments": {"team": "Heron"}}}]},
+        {"role": "tool", "content": "x"}, {"role": "assistant", "content": "b"}]},
+        {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "shifts", "arguments": {"day": "Monday"}}}]}]}]
+    path = write_parquet(tmp_path / "m.parquet", rows)
+    logs = []
+    convs = data.read_conversations(path, log=logs.append)
+    assert convs[0][1][1]["tool_calls"][0]["arguments"] == {"team": "Heron", "day": None}
+    assert any("note: 2 conversations have null values in tool schemas or call arguments" in line for line in logs)
+    for row, (_, messages, tools) in zip(read_parquet_rows(path), convs):
+        text, _ = data.render_chat(messages, tools)
+        assert text == hf_tok.apply_chat_template(row["messages"], tokenize=False)
+    assert '"arguments": {"team": "Heron", "day": null}' in data.render_chat(convs[0][1])[0]
+
+
+def test_parquet_column_names_and_errors_name_file_and_row(tmp_path, capsys):
+    bt = data.byte_tokenizer()
+    good = GOOD["messages"]
+    path = write_parquet(tmp_path / "c.parquet", [{"conversations": good, "functions": [WEATHER]}] * 2)
+    with pytest.raises(data.DataError, match=r"c.parquet: no column 'messages' \(columns: conversations, functions\); "
+                                             r"name the conversation column with --messages-key"):
+        quiet(path, bt)
+    samples = quiet(path, bt, messages_key="conversations", tools_key="functions")
+    assert samples[0] == data.encode_chat(bt, good, [WEATHER])
+    code, out, err = run_cli(capsys, "stats", "--data", str(path), "--messages-key", "conversations",
+                             "--tools-key", "functions")
+    assert code == 0 and "with tools block 2" in out, err
+    code, out, err = run_cli(capsys, "show", "--data", str(path), "--messages-key", "conversations", "--index", "1")
+    assert code == 0 and out.startswith(f"{path}:row 1: ")
+
+    bad = write_parquet(tmp_path / "bad.parquet", [GOOD, GOOD, {"messages": [{"role": "robot", "content": "x"}]}])
+    with pytest.raises(data.DataError, match=f"^{bad}:row 2: message 0: unknown role 'robot'"):
+        quiet(bad, bt)
+    # messages as a JSON string column: parsed; a string that is not JSON is named
+    as_string = write_parquet(tmp_path / "s.parquet", [{"messages": json.dumps(good)}, {"messages": "hi"}])
+    with pytest.raises(data.DataError, match=f"^{as_string}:row 1: 'messages' must be a list, got a string"):
+        quiet(as_string, bt)
+    write_parquet(as_string, [{"messages": json.dumps(good)}])
+    assert quiet(as_string, bt) == [data.encode_chat(bt, good)]
+    (tmp_path / "text.parquet").write_text("not parquet")
+    with pytest.raises(data.DataError, match="text.parquet: not a readable parquet file"):
+        quiet(tmp_path / "text.parquet", bt)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"messages": pa.array([], type=pa.list_(pa.string()))}), tmp_path / "empty.parquet")
+    with pytest.raises(data.DataError, match="empty.parquet: file is empty"):
+        quiet(tmp_path / "empty.parquet", bt)
+
+
+def test_missing_pyarrow_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    path = write_parquet(tmp_path / "x.parquet", [GOOD])
+    jsonl = write_jsonl(tmp_path / "x.jsonl", [GOOD])
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow...` now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    expected = f"{path}: reading parquet needs pyarrow, which is not installed: pip install pyarrow"
+    with pytest.raises(data.DataError) as e:
+        quiet(path, data.byte_tokenizer())
+    assert str(e.value) == expected
+    assert run_cli(capsys, "stats", "--data", str(path)) == (2, "", f"error: {expected}\n")
+    assert len(quiet(jsonl, data.byte_tokenizer())) == 1  # JSONL never needs it
+
+
+def test_sources_files_directories_globs_lists(tmp_path):
+    bt = data.byte_tokenizer()
+    a = write_jsonl(tmp_path / "d" / "a.jsonl", [GOOD])
+    b = write_parquet(tmp_path / "d" / "sub" / "b.parquet", [GOOD, GOOD])
+    write_jsonl(tmp_path / "d" / ".cache" / "x.jsonl", [GOOD])
+    (tmp_path / "d" / "README.md").write_text("# not data")
+    txt = write_jsonl(tmp_path / "conversations.txt", [GOOD])  # a file named explicitly is JSONL whatever its name
+    log = lambda s: None
+    assert data.resolve_sources(tmp_path / "d", log) == [a, b]  # hidden folders and other files skipped
+    assert data.resolve_sources(f"{tmp_path}/d/**/*.parquet", log) == [b]
+    assert data.resolve_sources(f" {b} , {txt},{a}", log) == [b, txt, a]
+    assert len(quiet(f"{tmp_path / 'd'},{txt}", bt)) == 4
+    with pytest.raises(data.DataError, match=r"no such file \(a hub dataset is written hf:someone/agentic\)"):
+        data.resolve_sources("someone/agentic", log)
+    (tmp_path / "e").mkdir()
+    for spec in (tmp_path / "e", f"{tmp_path}/*.parquet"):
+        with pytest.raises(data.DataError, match="no .jsonl or .parquet file found"):
+            data.resolve_sources(spec, log)
+    for spec in ("hf:agentic", "hf:a/b/c", "hf:/b", "hf:a/b@:train"):
+        with pytest.raises(data.DataError, match=r"expected hf:owner/name\[@revision\]"):
+            data.resolve_sources(spec, log)
+    with pytest.raises(data.DataError, match="no data given"):
+        data.resolve_sources(" , ", log)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty huggingface_hub cache in tmp_path, with the hub unreachable (HF_HUB_OFFLINE=1)."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "hub"
+
+
+def test_hub_dataset_from_the_offline_cache(offline_hub):
+    bt = data.byte_tokenizer()
+    train = [GOOD, {"messages": CASES["plain"][0]}]
+    test = [{"messages": CASES["unicode"][0]}]
+    snap = conftest.make_hub_cache(offline_hub, "someone/agentic-sft", {
+        "data/train-00000-of-00001.parquet": parquet_bytes(train), "data/test-00000-of-00001.jsonl":
+        "".join(json.dumps(r) + "\n" for r in test), "README.md": "---\nlicense: mit\n---\n"}, repo_type="dataset")
+    logs = []
+    samples = data.load_dataset("hf:someone/agentic-sft", bt, log=logs.append)  # the train split by default
+    assert samples == [data.encode_chat(bt, r["messages"]) for r in train]
+    assert logs[0] == f"data hf:someone/agentic-sft: 1 file from {snap}"
+    assert quiet("hf:someone/agentic-sft:test", bt) == [data.encode_chat(bt, test[0]["messages"])]
+    assert len(quiet("hf:someone/agentic-sft:data/*", bt)) == 3  # a file pattern
+    assert len(quiet("hf:someone/agentic-sft:train,hf:someone/agentic-sft:test", bt)) == 3
+    with pytest.raises(data.DataError, match=r"hf:someone/agentic-sft:validation: no .parquet or .jsonl file of split "
+                                             r"'validation' \(files: data/test-00000-of-00001.jsonl, data/train-"):
+        quiet("hf:someone/agentic-sft:validation", bt)
+    # Open-AgentRL-SFT-3K's layout: one file at the top that names no split -> all of it is the train split
+    conftest.make_hub_cache(offline_hub, "Gen-Verse/Open-AgentRL-SFT-3K", {
+        "full_sft_3k_shuffled_v4.parquet": parquet_bytes(AGENTRL_ROWS), ".gitattributes": "*.parquet filter=lfs\n"},
+        repo_type="dataset")
+    for spec in ("hf:Gen-Verse/Open-AgentRL-SFT-3K", "hf:Gen-Verse/Open-AgentRL-SFT-3K:train"):
+        assert len(quiet(spec, bt, max_length=100_000)) == 2
+    # @revision pins a commit: an update of the dataset (a new snapshot, refs/main moved) leaves it alone
+    conftest.make_hub_cache(offline_hub, "someone/agentic-sft", {"data/train.jsonl": json.dumps(GOOD) + "\n"},
+                            repo_type="dataset", commit="1" * 40)
+    assert len(quiet("hf:someone/agentic-sft", bt)) == 1
+    assert quiet(f"hf:someone/agentic-sft@{snap.name}", bt) == samples and snap.name == "0" * 40
+    with pytest.raises(data.DataError) as e:  # not cached, and offline: says what to do, no traceback
+        quiet("hf:someone/not-cached", bt)
+    assert str(e.value).startswith("could not fetch the dataset someone/not-cached from the Hugging Face hub (")
+    assert "HF_HUB_OFFLINE=1 reads the cache" in str(e.value) and "--data /path/to/dir" in str(e.value)
+
+
+# -----------------------------------------------------------------------------
 # Batching
 
 
@@ -494,7 +804,7 @@ def test_collate_pads_to_longest_in_batch():
 @pytest.mark.parametrize("n,world,batch", [(10, 1, 3), (10, 2, 2), (11, 3, 4), (2, 4, 1), (37, 2, 5)])
 def test_epoch_batches_match_distributed_sampler(n, world, batch):
     lengths = [(7 * i) % 13 + 1 for i in range(n)]
-    ds = data.ChatDataset(make_samples(lengths))
+    ds = make_samples(lengths)  # torch's samplers and DataLoader take any sized, indexable dataset
     for epoch in (0, 3):
         for rank in range(world):
             sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,

@@ -239,7 +239,7 @@ def test_trainer_two_optimizer_steps(checkpoint, tmp_path):
                                           gradient_accumulation_steps=2, learning_rate=1e-2, save_strategy="no",
                                           report_to="none", remove_unused_columns=False, use_cpu=True,
                                           disable_tqdm=True, logging_steps=1, seed=0)
-    trainer = FocusFTTrainer(model=hf, args=args, train_dataset=data.ChatDataset(samples),
+    trainer = FocusFTTrainer(model=hf, args=args, train_dataset=samples,
                              data_collator=partial(data.collate, pad_id=0), focus=FocusConfig())
     result = trainer.train()
     assert trainer.state.global_step == 2

@@ -25,7 +25,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,14 +75,19 @@ def run_cli(args, nproc: int = 1, env=None, timeout: int = 300) -> subprocess.Co
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    # its own process group: on a timeout torchrun's workers are killed too, not left running
     proc = subprocess.Popen(launcher + [str(REPO / "train.py"), *map(str, args)], cwd=REPO, env=env or ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        # NOTE: torchrun starts each worker in a session of its own, out of reach of a process-group
+        # kill; on SIGTERM it stops them itself. Only then is the launcher killed.
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
@@ -615,3 +619,14 @@ def test_nproc_above_gpu_count_inprocess(tmp, unequal_data, monkeypatch):
     err = expect_user_error(["--model", "tiny", "--data", unequal_data, "--out", tmp / "gpu"],
                             "--nproc_per_node", "1 visible GPU")
     assert err.every_rank  # printed by the rank concerned, not only by rank 0
+
+
+def test_messages_key_reaches_the_data(tmp, unequal_data):
+    """--messages-key names the column/key of the conversations (datasets that do not call it "messages")."""
+    renamed = tmp / "renamed.jsonl"
+    rows = [json.loads(line) for line in unequal_data.read_text().splitlines()]
+    renamed.write_text("".join(json.dumps({"conversation": r["messages"]}) + "\n" for r in rows))
+    args = [*BASE, "--data", renamed, "--method", "sft", "--max-steps", 1]
+    expect_user_error([*args, "--out", tmp / "mk0"], "messages")  # the default key is not there
+    run_inprocess([*args, "--out", tmp / "mk1", "--messages-key", "conversation"])
+    assert log_records(tmp / "mk1")[0]["supervised_tokens"] > 0
