@@ -669,6 +669,12 @@ class MemShape:
     world: int  # processes
     ddp: bool  # under torchrun: DistributedDataParallel with gradient_as_bucket_view
     zero1: bool  # AdamW state sharded across the processes
+    accum: int  # micro-batches per optimizer step (--grad-accum)
+    layer_params: int  # parameters of one decoder layer
+
+    @property
+    def grads_held(self) -> bool:  # gradients exist all step: DDP's buckets, or accumulated over micro-batches
+        return self.ddp or self.accum > 1
 
     @property
     def T(self) -> int:  # tokens of the micro-batch
@@ -704,7 +710,8 @@ def memory_shape(cfg: TrainConfig, config: Qwen2Config) -> MemShape:
                     V=config.vocab_size, tied=config.tie_word_embeddings, B=cfg.batch_size, S=S, N=N,
                     e=DTYPES[cfg.dtype].itemsize, cuda=cuda, masked=fc.bidirectional, ckpt=cfg.grad_checkpointing,
                     bilevel=fc.bilevel, inner_grad=fc.inner_grad, inner_steps=fc.inner_steps, L_a=n_adapted, r=fc.lora_rank,
-                    chunk=fc.loss_chunk, params=groups, world=world, ddp=ddp, zero1=zero1)
+                    chunk=fc.loss_chunk, params=groups, world=world, ddp=ddp, zero1=zero1,
+                    accum=cfg.grad_accum, layer_params=sum(p.numel() for p in model.model.layers[0].parameters()))
 
 
 # --- one decoder layer (model.Block), bytes per token
@@ -787,10 +794,11 @@ def static_rows(m: MemShape) -> list[tuple[str, float]]:
     dtype = "bf16" if m.e == 2 else "fp32"
     shards = zero1_shards(m.params, m.world) if m.zero1 else [[sum(g) for g in m.params]]
     where = f"ZeRO-1: the largest of {m.world} shards" if m.zero1 else "all parameters"
-    return [(f"{dtype} weights", P * m.e),
-            ("gradients (" + ("= DDP's all-reduce buckets, gradient_as_bucket_view" if m.ddp else "param.grad") + ")",
-             P * m.e),
-            (f"AdamW m + v, {dtype} ({where})", 2 * m.e * max(map(sum, shards)))]
+    rows = [(f"{dtype} weights", P * m.e)]
+    if m.grads_held:
+        rows.append(("gradients (" + ("= DDP's all-reduce buckets, gradient_as_bucket_view" if m.ddp else
+                                      f"param.grad, summed over {m.accum} micro-batches") + ")", P * m.e))
+    return rows + [(f"AdamW m + v, {dtype} ({where})", 2 * m.e * max(map(sum, shards)))]
 
 
 def zero1_shards(groups: list[list[int]], world: int) -> list[list[int]]:
@@ -909,17 +917,24 @@ def outer_loss_rows(m: MemShape) -> list[tuple[str, float]]:
     return rows
 
 
-def outer_layers_rows(m: MemShape) -> list[tuple[str, float]]:
-    """The outer backward through the top layer (the largest: all layers below still wait)."""
-    rows = outer_forward_rows(m, m.L, output=False) + step_input_rows(m) + fast_weight_rows(m)
+def outer_layers_rows(m: MemShape, lowest: bool = False) -> list[tuple[str, float]]:
+    """The outer backward through the top layer, with all layers below still waiting (the largest
+    with DDP), or, if `lowest`, through the lowest layer, with the gradients of all others made
+    (param.grad without DDP, on the first micro-batch: autograd makes them during the backward)."""
+    where = "lowest" if lowest else "top"
+    rows = outer_forward_rows(m, 1 if lowest else m.L, output=False) + step_input_rows(m) + fast_weight_rows(m)
     if m.ckpt:
-        rows.append(("outer backward: the top layer recomputed, its backward", outer_layer_peak(m) * m.T))
+        rows.append((f"outer backward: the {where} layer recomputed, its backward", outer_layer_peak(m) * m.T))
     else:
-        rows.append(("outer backward: the top layer's gradients", (2 * m.I * m.e + m.D * m.e) * m.T))
+        rows.append((f"outer backward: the {where} layer's gradients", (2 * m.I * m.e + m.D * m.e) * m.T))
     if m.bilevel:  # down_proj's weight gradient is made before it is added to .grad
         rows.append(("outer backward: a weight gradient, D x I, before it is added", m.D * m.I * m.e))
     if m.tied:
         rows.append(("outer backward: lm_head's gradient, until the embedding's", m.V * m.D * m.e))
+    if not m.grads_held:
+        made = sum(map(sum, m.params)) - m.V * m.D - (1 if lowest else m.L) * m.layer_params  # tied: see above
+        rows.append(("param.grad of " + ("all but the lowest layer and the embedding" if lowest else
+                                         ("lm_head and " if not m.tied else "") + "the final norm"), made * m.e))
     return rows
 
 
@@ -937,10 +952,11 @@ def fast_weight_rows(m: MemShape) -> list[tuple[str, float]]:
 def optimizer_rows(m: MemShape) -> list[tuple[str, float]]:
     """AdamW's step: fused on CUDA (no temporaries); foreach on CPU: torch._foreach_sqrt of the
     second moments makes one temporary as large as the param group (this rank's shard of it)."""
+    rows = [] if m.grads_held else [("gradients (param.grad)", sum(map(sum, m.params)) * m.e)]
     if m.cuda:
-        return [("AdamW step: fused kernel", 0)]
+        return rows + [("AdamW step: fused kernel", 0)]
     shards = zero1_shards(m.params, m.world) if m.zero1 else [[sum(g) for g in m.params]]
-    return [("AdamW step: sqrt(v) of the largest param group (foreach)", m.e * max(max(s) for s in shards))]
+    return rows + [("AdamW step: sqrt(v) of the largest param group (foreach)", m.e * max(max(s) for s in shards))]
 
 
 def memory_phases(m: MemShape) -> dict[str, list[tuple[str, float]]]:
@@ -950,6 +966,8 @@ def memory_phases(m: MemShape) -> dict[str, list[tuple[str, float]]]:
         phases["inner loop"] = inner_loop_rows(m)
     phases["outer backward: loss"] = outer_loss_rows(m)
     phases["outer backward: layers"] = outer_layers_rows(m)
+    if not m.grads_held:
+        phases["outer backward: the lowest layer"] = outer_layers_rows(m, lowest=True)
     phases["AdamW step"] = optimizer_rows(m)
     return phases
 
@@ -967,22 +985,33 @@ def estimate_peak(m: MemShape) -> tuple[float, str]:
 
 def estimate_model_config(cfg: TrainConfig) -> Qwen2Config:
     """--model's config without its weights: "tiny", a directory with a config.json, or a hub id
-    whose config.json is in the Hugging Face cache (or can be fetched: one small file)."""
+    whose config.json is in the Hugging Face cache or, failing that, fetched (one small file)."""
     if cfg.model == "tiny":
         return Qwen2Config(**TINY)
     path = Path(cfg.model).expanduser()
-    if not path.is_dir():
-        if path.exists() or cfg.model.count("/") != 1:
-            raise TrainError(f"--model {cfg.model!r} is neither a directory nor a hub id like 'Qwen/Qwen2.5-7B'")
-        from huggingface_hub import hf_hub_download
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise TrainError(f"{path.parent} has no config.json")
+    elif path.exists() or cfg.model.count("/") != 1:
+        raise TrainError(f"--model {cfg.model!r} is neither a directory nor a hub id like 'Qwen/Qwen2.5-7B'")
+    else:
+        from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
         try:
-            path = Path(hf_hub_download(cfg.model, "config.json")).parent
-        except Exception as e:  # offline and not cached, unknown repository, ...: all mean "no config"
-            raise TrainError(f"no config.json for {cfg.model!r} in the Hugging Face cache, and fetching it failed "
-                             f"({type(e).__name__}); pass a directory holding its config.json") from None
-    if not (path / "config.json").is_file():
-        raise TrainError(f"{path} has no config.json")
-    return Qwen2Config.from_hf(json.loads((path / "config.json").read_text()))
+            path = Path(hf_hub_download(cfg.model, "config.json", local_files_only=True))
+        except Exception:  # not cached. NOTE: the metadata request fails at once offline, where
+            try:              # hf_hub_download alone retries for about 25 s
+                get_hf_file_metadata(hf_hub_url(cfg.model, "config.json"), timeout=10)
+                path = Path(hf_hub_download(cfg.model, "config.json"))
+            except Exception as e:  # offline, unknown repository, ...: all mean "no config"
+                raise TrainError(f"no config.json for {cfg.model!r} in the Hugging Face cache, and fetching it "
+                                 f"failed ({type(e).__name__}); pass a directory holding its config.json") from None
+    try:
+        return Qwen2Config.from_hf(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise TrainError(f"{path}: invalid JSON ({e})") from None
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:  # e.g. a size that is not a number
+        raise TrainError(f"{path}: not a Qwen2 config ({type(e).__name__}: {e})") from None
 
 
 def memory_assumptions(m: MemShape) -> list[str]:
@@ -1008,7 +1037,10 @@ def print_memory_estimate(cfg: TrainConfig):
     if cfg.nproc < 1 or not 0 < cfg.supervised_fraction <= 1:
         raise TrainError("--nproc must be >= 1 and --supervised-fraction in (0, 1]")
     config = estimate_model_config(cfg)
-    m = memory_shape(cfg, config)
+    try:
+        m = memory_shape(cfg, config)
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:  # sizes no model can have
+        raise TrainError(f"--model {cfg.model}: its config makes no Qwen2 model ({type(e).__name__}: {e})") from None
     fc = cfg.focus
     n_params = sum(map(sum, m.params))
     print(f"Estimated memory per GPU for one training step of --model {cfg.model} ({n_params / 1e9:.2f}B parameters)")

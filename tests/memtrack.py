@@ -17,7 +17,9 @@ started there is sometimes a whole model too high for the rest of the run.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -72,11 +74,35 @@ def ddp_bucket_bytes(step_module) -> int:
     return sum(int(s) for s in str(sizes).split(","))
 
 
-def measure_step_peak(model_config: Qwen2Config, cfg: train.TrainConfig, batch: dict) -> int:
-    """Peak live CPU bytes during the third of three train.train_step calls on `batch`."""
-    rt = train.Runtime(rank=0, world=1, device=torch.device("cpu"), distributed=True)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+def running_peak(prof, name: str = WINDOW) -> int:
+    """The largest running sum of all allocation records, from the profiler's start, inside the
+    record_function window `name`: the peak of live bytes there if the profiler started first."""
+    events = prof.profiler.kineto_results.events()
+    window = next(e for e in events if e.name() == name)
+    live = peak = 0
+    for t, n in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        live += n
+        if window.start_ns() <= t <= window.end_ns():
+            peak = max(peak, live)
+    return peak
+
+
+@dataclass
+class StepPeak:
+    held_plus_rise: int  # live at the step's start (from the tensors) + the largest rise in it
+    from_start: int | None  # without DDP: the running sum of a profiler started before the model
+
+
+def measure_step_peak(model_config: Qwen2Config, cfg: train.TrainConfig, batch: dict, ddp: bool = True) -> StepPeak:
+    """Peak live CPU bytes during the third of three train.train_step calls on `batch`, under a
+    one-rank gloo DDP group (ddp) or as one process without torchrun (then measured both ways)."""
+    rt = train.Runtime(rank=0, world=1, device=torch.device("cpu"), distributed=ddp)
+    if ddp:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    whole = profile(activities=[ProfilerActivity.CPU], profile_memory=True) if not ddp else None
     try:
+        if whole:
+            whole.start()
         torch.manual_seed(cfg.seed)
         model = Qwen2(model_config).to(train.DTYPES[cfg.dtype])
         model.gradient_checkpointing = cfg.grad_checkpointing
@@ -86,11 +112,16 @@ def measure_step_peak(model_config: Qwen2Config, cfg: train.TrainConfig, batch: 
         for _ in range(2):
             train.train_step(step_module, model, optimizer, scheduler, [batch], generator, cfg, rt)
         gc.collect()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with contextlib.nullcontext(whole) if whole else profile(activities=[ProfilerActivity.CPU],
+                                                                  profile_memory=True) as prof:
             with record_function(WINDOW):
                 train.train_step(step_module, model, optimizer, scheduler, [batch], generator, cfg, rt)
         state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        held = live_bytes([*model.parameters(), *state, *batch.values()]) + ddp_bucket_bytes(step_module)
+        held = live_bytes([*model.parameters(), *state, *batch.values()])
+        held += ddp_bucket_bytes(step_module) if ddp else 0
     finally:
-        dist.destroy_process_group()
-    return held + rise_in_window(prof)
+        if whole:
+            whole.stop()
+        if ddp:
+            dist.destroy_process_group()
+    return StepPeak(held + rise_in_window(prof), running_peak(prof) if whole else None)
