@@ -3,6 +3,7 @@ Fine-tune a Qwen2 / Qwen2.5 model with FocuSFT (or one of its ablations).
 
     python train.py --preset demo                                  # tiny model, bundled data, CPU, minutes
     torchrun --nproc_per_node 8 train.py --data hf:Gen-Verse/Open-AgentRL-SFT-3K   # the paper's run: Qwen2.5-7B, bf16
+    python train.py --estimate-memory --max-length 32768                           # its memory per GPU, itemised
 
 `main` reads as its phases: setup -> output dir -> data -> model -> optimizer -> resume -> loop
 (train_step, log, save) -> final checkpoint. `train_step` is one optimizer step and is also what
@@ -130,6 +131,10 @@ HELP = {  # flags whose default alone does not say what they do
     "inner_grad": "grad: torch.func.grad; vjp: the same gradients, less memory",
     "loss_chunk": "supervised positions per piece of the cross-entropy (bounds the N x vocab log-probs)",
     "save_every": "write OUT/step-N/ (with optimizer and RNG state) every N optimizer steps; 0: final model only",
+    "estimate_memory": "print the estimated memory per GPU of a step with these flags and exit: needs only "
+                       "the model's config.json, no data, no GPU, no torchrun",
+    "nproc": "--estimate-memory: the number of processes (GPUs) of the run",
+    "supervised_fraction": "--estimate-memory: the share of positions with a supervised target (1: the worst case)",
 }
 
 
@@ -623,6 +628,85 @@ def log_step(st: StepStats, done: int, run: dict, lr: float, dt: float, eta: flo
 
 
 # -----------------------------------------------------------------------------
+# The run
+
+
+def main(cfg: TrainConfig):
+    if cfg.estimate_memory:
+        return print_memory_estimate(cfg)
+    rt = setup(cfg)
+    out, resume_from = prepare_output(cfg, rt)
+    tokenizer, model_dir = load_tokenizer(cfg)
+    plan = plan_data(cfg, tokenizer, rt)
+    if cfg.fsdp:
+        model, step_module = wrap_fsdp(cfg, rt, resume_from or model_dir)
+    else:
+        model = build_model(cfg, rt, resume_from or model_dir)
+        step_module = wrap(model, cfg, rt)
+    optimizer, scheduler = build_optimizer(model, cfg, rt, plan.total_steps)
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1000 * rt.rank)  # fast weights: one stream per rank
+    run = dict(cfg=cfg, rt=rt, model=model, step_module=step_module, optimizer=optimizer, scheduler=scheduler,
+               generator=generator, tokenizer=tokenizer, plan=plan)
+    start = 0
+    if resume_from is not None:
+        start = restore(resume_from, run)
+        if rt.main:
+            trim_log(out / "log.jsonl", start)
+    n_params = sum(p.numel() for p in model.parameters())
+    rt.log(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters, {cfg.dtype}, {rt.device}, world size {rt.world}"
+           f"{' (ZeRO-1)' if use_zero1(cfg, rt) else ''}{' (FSDP2)' if cfg.fsdp else ''} | method {cfg.focus.method} | "
+           f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch), "
+           f"{cfg.batch_size * cfg.grad_accum * rt.world} sequences each")
+    first_loss, last_loss = train_loop(run, step_module, out, start)
+    finish(run, out, start, first_loss, last_loss)
+
+
+def train_loop(run: dict, step_module, out: Path, start: int) -> tuple[float | None, float]:
+    """Optimizer steps start..total-1: one step, one log line, a checkpoint every --save-every."""
+    cfg, rt, plan = run["cfg"], run["rt"], run["plan"]
+    log_file = open(out / "log.jsonl", "a") if rt.main else None
+    cache: dict = {}
+    run["t_start"], first_loss, last_loss = time.time(), None, float("nan")
+    for step in range(start, plan.total_steps):
+        t0 = time.time()
+        batches = micro_batches(cfg, plan, run["tokenizer"], step, rt, cache)
+        lr = run["scheduler"].get_last_lr()[0]
+        try:
+            st = train_step(step_module, run["model"], run["optimizer"], run["scheduler"], batches, run["generator"],
+                            cfg, rt)
+        except NonFiniteStep as e:
+            last = newest_checkpoint(out)
+            raise TrainError(f"non-finite {e} at step {step + 1}; stopped without applying it. "
+                             + (f"Last checkpoint: {last}" if last else "No checkpoint was written yet.")) from None
+        first_loss = st.loss if first_loss is None else first_loss
+        last_loss, done = st.loss, step + 1
+        dt = time.time() - t0
+        eta = (time.time() - run["t_start"]) / (done - start) * (plan.total_steps - done)
+        if rt.main:
+            log_step(st, done, run, lr, dt, eta, log_file)
+        if cfg.save_every and done % cfg.save_every == 0 and done < plan.total_steps:
+            save(out / f"step-{done}", done, run, with_state=True)
+    if log_file:
+        log_file.close()
+    return first_loss, last_loss
+
+
+def finish(run: dict, out: Path, start: int, first_loss: float | None, last_loss: float):
+    """The final model in HF layout directly in --out (loadable by model.py and transformers)."""
+    cfg, rt, total = run["cfg"], run["rt"], run["plan"].total_steps
+    save(out / "final.tmp", total, run, with_state=False)
+    if rt.main:
+        publish(out / "final.tmp", out)
+        loss_line = f"loss {first_loss:.4f} → {last_loss:.4f}" if first_loss is not None else "no step run"
+        print(f"done: {total - start} steps in {fmt_time(time.time() - run['t_start'])} | {loss_line} | "
+              f"model saved to {out}/ (HF layout), log in {out}/log.jsonl")
+        if cfg.data == PRESETS["demo"]["data"]:
+            print(f"next: python eval.py demo --model {out}")
+    if rt.distributed:
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
 # Memory estimate (--estimate-memory)
 #
 # The bytes one GPU holds at the peak of a training step, from the shapes alone: nothing is built
@@ -708,10 +792,11 @@ def memory_shape(cfg: TrainConfig, config: Qwen2Config) -> MemShape:
     return MemShape(D=config.hidden_size, I=config.intermediate_size, L=config.num_hidden_layers,
                     H=config.num_attention_heads, KVH=config.num_key_value_heads, hd=config.head_dim,
                     V=config.vocab_size, tied=config.tie_word_embeddings, B=cfg.batch_size, S=S, N=N,
-                    e=DTYPES[cfg.dtype].itemsize, cuda=cuda, masked=fc.bidirectional, ckpt=cfg.grad_checkpointing,
-                    bilevel=fc.bilevel, inner_grad=fc.inner_grad, inner_steps=fc.inner_steps, L_a=n_adapted, r=fc.lora_rank,
-                    chunk=fc.loss_chunk, params=groups, world=world, ddp=ddp, zero1=zero1,
-                    accum=cfg.grad_accum, layer_params=sum(p.numel() for p in model.model.layers[0].parameters()))
+                    e=DTYPES[cfg.dtype].itemsize, cuda=cuda, masked=fc.bidirectional,
+                    ckpt=cfg.grad_checkpointing, bilevel=fc.bilevel, inner_grad=fc.inner_grad,
+                    inner_steps=fc.inner_steps, L_a=n_adapted, r=fc.lora_rank, chunk=fc.loss_chunk,
+                    params=groups, world=world, ddp=ddp, zero1=zero1, accum=cfg.grad_accum,
+                    layer_params=sum(p.numel() for p in model.model.layers[0].parameters()))
 
 
 # --- one decoder layer (model.Block), bytes per token
@@ -824,13 +909,14 @@ def step_input_rows(m: MemShape) -> list[tuple[str, float]]:
 def outer_forward_rows(m: MemShape, layers: int, output: bool) -> list[tuple[str, float]]:
     """What the outer forward of `layers` layers keeps for its backward: each layer's input under
     checkpointing (plus the stack's output if `output`), else every layer's activations."""
+    n = f"{layers} layer" + "s" * (layers != 1)
     if m.ckpt:
-        return [(f"outer forward: inputs of {layers} checkpointed layers" + (" and their output" if output else ""),
+        return [(f"outer forward: inputs of {n}, checkpointed" + (", and their output" if output else ""),
                  (layers + output) * m.X)]
-    rows = [(f"outer forward: activations of {layers} layers (no checkpointing)", layers * layer_saved(m) * m.T)]
+    rows = [(f"outer forward: activations of {n} (no checkpointing)", layers * layer_saved(m) * m.T)]
     if output:
         rows.append(("outer forward: their output", m.X))
-    if m.bilevel and m.e < 4 and layers:  # the token embeddings stay referenced in focusft_loss (fp32: layer 0 keeps them)
+    if m.bilevel and m.e < 4 and layers:  # focusft_loss keeps the token embeddings (fp32: layer 0 keeps them anyway)
         rows.append(("token embeddings", m.X))
     return rows
 
@@ -912,7 +998,7 @@ def outer_loss_rows(m: MemShape) -> list[tuple[str, float]]:
     rows = outer_forward_rows(m, m.L, output=False) + step_input_rows(m) + fast_weight_rows(m)
     rows += [("outer loss: h at the supervised positions and its gradient: (N, D) each", 2 * m.N * m.D * m.e),
              (f"outer loss: loss piece of {m.c} positions", loss_piece(m, None))]
-    if m.N > m.chunk or m.tied:  # autograd sums lm_head's gradient over the pieces (tied: until the embedding's)
+    if m.N > m.chunk:  # autograd sums lm_head's gradient over the pieces (tied: and keeps it until the embedding's)
         rows.append(("outer loss: lm_head's gradient, summed over the pieces", m.V * m.D * m.e))
     return rows
 
@@ -1015,19 +1101,20 @@ def estimate_model_config(cfg: TrainConfig) -> Qwen2Config:
 
 
 def memory_assumptions(m: MemShape) -> list[str]:
+    """What the estimate takes for granted, printed under its title."""
     if m.cuda:
-        kernels = ["CUDA kernels: fused AdamW (no temporaries); SDPA's " + (
-            "memory-efficient kernel with the (B, 1, S, S) mask converted to the model dtype in every "
-            "attention call, k and v expanded to all heads (model.Attention)" if m.masked else
-            "flash kernel (causal, no mask, grouped k and v read in place)")]
+        kernels = ["as if on CUDA GPUs (--device cpu: CPU kernels): fused AdamW (no temporaries); SDPA's " + (
+            "memory-efficient kernel, the (B, 1, S, S) mask converted to the model dtype in every attention "
+            "call, k and v expanded to all heads (model.Attention)" if m.masked else
+            "flash kernel (causal: no mask; grouped k and v read in place)")]
     else:
-        kernels = ["CPU kernels: foreach AdamW; SDPA's CPU flash kernel (mask converted to the model dtype "
+        kernels = ["CPU kernels: foreach AdamW; SDPA's CPU flash kernel (the mask converted to the model dtype "
                    "in every attention call; grouped k and v read in place)"]
     return kernels + [
         "not counted: the CUDA context (~0.5-1 GiB), NCCL's buffers, the caching allocator's "
         "fragmentation and cuBLAS workspaces: keep 10-15 % headroom",
         "an estimate from per-op accounting, checked against measured CPU steps (tests/test_memory.py), "
-        "not against a GPU: compare torch.cuda.max_memory_allocated() on your first steps"]
+        "not against a GPU: compare torch.cuda.max_memory_allocated() after the first steps"]
 
 
 def print_memory_estimate(cfg: TrainConfig):
@@ -1042,14 +1129,15 @@ def print_memory_estimate(cfg: TrainConfig):
     except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:  # sizes no model can have
         raise TrainError(f"--model {cfg.model}: its config makes no Qwen2 model ({type(e).__name__}: {e})") from None
     fc = cfg.focus
-    n_params = sum(map(sum, m.params))
-    print(f"Estimated memory per GPU for one training step of --model {cfg.model} ({n_params / 1e9:.2f}B parameters)")
-    print(f"  {cfg.nproc} process(es)" + (", DDP" if m.ddp else "") + (" + ZeRO-1" if m.zero1 else "") +
-          f"; {fc.method}, {cfg.dtype}, batch {m.B} x {m.S:,} tokens, {m.N:,} supervised positions"
-          + (" (every one: the worst case)" if m.N == m.B * (m.S - 1) else "") +
-          f"; activation checkpointing {'on' if m.ckpt else 'off'}"
-          + (f"; inner grad {fc.inner_grad}, {m.L_a} adapted layers" if m.bilevel else "") +
-          f"; loss chunk {fc.loss_chunk}")
+    run = (f"{m.world} processes: DDP" + (" + ZeRO-1" if m.zero1 else "") if m.ddp else
+           "1 process (python train.py: no DDP)")
+    print(f"Estimated memory per GPU of one training step: --model {cfg.model} "
+          f"({sum(map(sum, m.params)) / 1e9:.2f}B parameters), {run}")
+    print(f"  {fc.method}, {cfg.dtype}, batch {m.B} x {m.S:,} tokens, {m.N:,} supervised positions"
+          + (" (all: the worst case)" if m.N == m.B * (m.S - 1) else "")
+          + f", grad accumulation {m.accum}, activation checkpointing {'on' if m.ckpt else 'off'}")
+    print(f"  loss chunk {fc.loss_chunk}" + (f", inner grad {fc.inner_grad}, {fc.inner_steps} inner steps on "
+                                             f"{m.L_a} adapted layers, LoRA rank {m.r}" if m.bilevel else ""))
     for line in memory_assumptions(m):
         print(f"  {line}")
     static = static_rows(m)
@@ -1066,84 +1154,6 @@ def print_memory_estimate(cfg: TrainConfig):
     peak = sum(b for _, b in static) + totals[worst]
     print(f"\npeak per GPU: {peak / GiB:.1f} GiB")
 
-
-# -----------------------------------------------------------------------------
-# The run
-
-
-def main(cfg: TrainConfig):
-    if cfg.estimate_memory:
-        return print_memory_estimate(cfg)
-    rt = setup(cfg)
-    out, resume_from = prepare_output(cfg, rt)
-    tokenizer, model_dir = load_tokenizer(cfg)
-    plan = plan_data(cfg, tokenizer, rt)
-    if cfg.fsdp:
-        model, step_module = wrap_fsdp(cfg, rt, resume_from or model_dir)
-    else:
-        model = build_model(cfg, rt, resume_from or model_dir)
-        step_module = wrap(model, cfg, rt)
-    optimizer, scheduler = build_optimizer(model, cfg, rt, plan.total_steps)
-    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1000 * rt.rank)  # fast weights: one stream per rank
-    run = dict(cfg=cfg, rt=rt, model=model, step_module=step_module, optimizer=optimizer, scheduler=scheduler,
-               generator=generator, tokenizer=tokenizer, plan=plan)
-    start = 0
-    if resume_from is not None:
-        start = restore(resume_from, run)
-        if rt.main:
-            trim_log(out / "log.jsonl", start)
-    n_params = sum(p.numel() for p in model.parameters())
-    rt.log(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters, {cfg.dtype}, {rt.device}, world size {rt.world}"
-           f"{' (ZeRO-1)' if use_zero1(cfg, rt) else ''}{' (FSDP2)' if cfg.fsdp else ''} | method {cfg.focus.method} | "
-           f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch), "
-           f"{cfg.batch_size * cfg.grad_accum * rt.world} sequences each")
-    first_loss, last_loss = train_loop(run, step_module, out, start)
-    finish(run, out, start, first_loss, last_loss)
-
-
-def train_loop(run: dict, step_module, out: Path, start: int) -> tuple[float | None, float]:
-    """Optimizer steps start..total-1: one step, one log line, a checkpoint every --save-every."""
-    cfg, rt, plan = run["cfg"], run["rt"], run["plan"]
-    log_file = open(out / "log.jsonl", "a") if rt.main else None
-    cache: dict = {}
-    run["t_start"], first_loss, last_loss = time.time(), None, float("nan")
-    for step in range(start, plan.total_steps):
-        t0 = time.time()
-        batches = micro_batches(cfg, plan, run["tokenizer"], step, rt, cache)
-        lr = run["scheduler"].get_last_lr()[0]
-        try:
-            st = train_step(step_module, run["model"], run["optimizer"], run["scheduler"], batches, run["generator"],
-                            cfg, rt)
-        except NonFiniteStep as e:
-            last = newest_checkpoint(out)
-            raise TrainError(f"non-finite {e} at step {step + 1}; stopped without applying it. "
-                             + (f"Last checkpoint: {last}" if last else "No checkpoint was written yet.")) from None
-        first_loss = st.loss if first_loss is None else first_loss
-        last_loss, done = st.loss, step + 1
-        dt = time.time() - t0
-        eta = (time.time() - run["t_start"]) / (done - start) * (plan.total_steps - done)
-        if rt.main:
-            log_step(st, done, run, lr, dt, eta, log_file)
-        if cfg.save_every and done % cfg.save_every == 0 and done < plan.total_steps:
-            save(out / f"step-{done}", done, run, with_state=True)
-    if log_file:
-        log_file.close()
-    return first_loss, last_loss
-
-
-def finish(run: dict, out: Path, start: int, first_loss: float | None, last_loss: float):
-    """The final model in HF layout directly in --out (loadable by model.py and transformers)."""
-    cfg, rt, total = run["cfg"], run["rt"], run["plan"].total_steps
-    save(out / "final.tmp", total, run, with_state=False)
-    if rt.main:
-        publish(out / "final.tmp", out)
-        loss_line = f"loss {first_loss:.4f} → {last_loss:.4f}" if first_loss is not None else "no step run"
-        print(f"done: {total - start} steps in {fmt_time(time.time() - run['t_start'])} | {loss_line} | "
-              f"model saved to {out}/ (HF layout), log in {out}/log.jsonl")
-        if cfg.data == PRESETS["demo"]["data"]:
-            print(f"next: python eval.py demo --model {out}")
-    if rt.distributed:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
