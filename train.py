@@ -712,8 +712,9 @@ def finish(run: dict, out: Path, start: int, first_loss: float | None, last_loss
 # The bytes one GPU holds at the peak of a training step, from the shapes alone: nothing is built
 # but a meta-device model (for the parameter list) and no data is read. A step is a sequence of
 # phases (inner loop, the outer backward's loss, its layers, the AdamW step); each phase adds its
-# own tensors to the ones held all step (weights, gradients, AdamW state), and the peak is the
-# largest phase. Every term names the code that allocates it. The per-layer terms are per-op
+# own tensors to the ones held all step (weights, AdamW state, and the gradients when DDP's
+# buckets or gradient accumulation keep them; otherwise autograd makes them during the outer
+# backward), and the peak is the largest phase. Every term names the code that allocates it. The per-layer terms are per-op
 # accounting of model.Block under each kind of autograd (checked against one layer's measured
 # peak: python -m bench.bench_method --layer-memory); the whole estimate is checked against the
 # measured peak of real CPU steps in tests/test_memory.py. The CUDA-only terms (the kernels in
