@@ -1,18 +1,19 @@
 """Measured peak memory of a real training step on the CPU, for tests/test_memory.py.
 
-`measure_step_peak` runs optimizer steps through train.py's own code (train.wrap on a one-rank
-gloo DDP group, train.build_optimizer, train.train_step) and returns the peak of live CPU bytes
-during the third step: by then the AdamW state exists and DDP has rebuilt its buckets (in the
-second forward), as on every later step of a run. The peak is what is live when the step starts
-(the weights, the AdamW state, DDP's buckets and the batch, counted from the tensors themselves
-and DDP's own bucket sizes) plus the largest rise of the running sum of torch.profiler's
-allocation records ("[memory]" events, profile_memory=True) during the step, which sees every
-allocation and free, kernel scratch buffers included.
+`measure_step_peak` runs optimizer steps through train.py's own code (train.wrap, on a one-rank
+gloo DDP group or without DDP, train.build_optimizer, train.train_step) and measures the peak of
+live CPU bytes during the third step: by then the AdamW state exists and DDP has rebuilt its
+buckets (in the second forward), as on every later step of a run. torch.profiler's allocation
+records ("[memory]" events, profile_memory=True) see every allocation and free, kernel scratch
+buffers included. The peak is measured as what is live when the step starts (the weights, the
+AdamW state, DDP's buckets and the batch, counted from the tensors themselves and DDP's own
+bucket sizes) plus the largest rise of the running sum of the records during the step; without
+DDP also as the running sum of a profiler started before the model is built (the two agree).
 
-NOTE: the running sum is not taken from a profiler started before the model: DDP's constructor
-broadcasts a flat copy of the weights through gloo, and when gloo's worker thread drops the last
-reference, the free is not recorded (the profiler records the main thread's frees), so a sum
-started there is sometimes a whole model too high for the rest of the run.
+NOTE: with DDP the running sum cannot start before the model: DDP's constructor broadcasts a
+flat copy of the weights through gloo, and when gloo's worker thread drops the last reference,
+the free is not recorded (the profiler records the main thread's frees), so a sum started there
+is sometimes a whole model too high for the rest of the run.
 """
 
 from __future__ import annotations
