@@ -17,9 +17,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 
+import conftest
 import focusft
 import train
 from memtrack import measure_step_peak, synthetic_batch
@@ -98,12 +100,14 @@ def test_estimate_matches_measured_peak(case):
                                     f"{measured.held_plus_rise / 2**20:.3f} MiB: {error:+.1%}")
 
 
+SMALL_CONFIG = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 1000, "hidden_size": 64,
+                "intermediate_size": 192, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
 def test_cli_config_only_directory(tmp_path, capsys):
     """A directory holding only a config.json is enough: the table, then one peak line at the end."""
-    config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 1000, "hidden_size": 64,
-              "intermediate_size": 192, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "config.json").write_text(json.dumps(SMALL_CONFIG))
     cfg = train.parse_args(["--estimate-memory", "--model", str(tmp_path), "--max-length", "1024", "--nproc", "4"])
     train.main(cfg)
     out = capsys.readouterr().out
@@ -133,3 +137,21 @@ def test_bad_model_config(tmp_path):
                           (tmp_path / "zero", "not a Qwen2 config")]:
         with pytest.raises(train.TrainError, match=expect):
             train.main(train.parse_args(["--estimate-memory", "--model", str(model)]))
+
+
+def test_hub_id_from_the_cache(tmp_path, monkeypatch):
+    """A hub id whose config.json is in the Hugging Face cache needs no network."""
+    conftest.make_hub_cache(tmp_path / "hub", "someone/small-qwen2", {"config.json": json.dumps(SMALL_CONFIG)})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    config = train.estimate_model_config(train.parse_args(["--model", "someone/small-qwen2"]))
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (64, 4, 1000)
+
+
+@pytest.mark.parametrize("tokens, budget_gib", [(4096, 40), (32768, 70)])
+def test_qwen7b_paper_run_estimate(tokens, budget_gib):
+    """The paper's run (Qwen2.5-7B, bf16, 8 GPUs, default flags, every position supervised) leaves
+    room on an 80 GB GPU for what the estimate does not count (CUDA context, NCCL, the allocator)."""
+    config_dir = conftest.shared_file("qwen2.5-configs/Qwen2.5-7B/config.json").parent
+    cfg = train.parse_args(["--model", str(config_dir), "--max-length", str(tokens)])
+    peak, _ = train.estimate_peak(train.memory_shape(cfg, train.estimate_model_config(cfg)))
+    assert peak / 2**30 <= budget_gib
