@@ -303,6 +303,31 @@ def byte_tokenizer() -> Tokenizer:
                      pad_token_id=tk.token_to_id("<|endoftext|>"), default_system=INSTRUCT_SYSTEM)
 
 
+TOOL_RESPONSE_TOKENS = ("<tool_response>", "</tool_response>")  # added tokens in Qwen2.5, like <tool_call>
+
+
+def word_tokenizer(texts) -> Tokenizer:
+    """A word-level tokenizer fitted on `texts` (rendered conversations), for the tiny demo model:
+    one token per word, per run of punctuation, per whitespace run (GPT-2's split, byte-level
+    text as in Qwen2.5), plus the ChatML, <tool_call> and <tool_response> tokens. Deterministic:
+    the vocabulary is the sorted set of pieces. A piece never seen in `texts` becomes <unk>.
+
+    Names and values are then single tokens, so a demo conversation is ~100 tokens, not ~800 bytes.
+    NOTE: " Oslo" (after a space) and "Oslo" (at a line start) are different tokens, as in BPE."""
+    pre = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    added = SPECIAL_TOKENS + TOOL_CALL_TOKENS + TOOL_RESPONSE_TOKENS
+    split = re.compile("|".join(map(re.escape, added)))  # added tokens are matched before the split
+    pieces = {w for text in texts for part in split.split(text) for w, _ in pre.pre_tokenize_str(part)}
+    vocab = {w: i for i, w in enumerate([*SPECIAL_TOKENS, "<unk>", *sorted(pieces)])}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    tk.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tk.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False)
+                   for t in TOOL_CALL_TOKENS + TOOL_RESPONSE_TOKENS])
+    return Tokenizer(tk=tk, eos_token_id=tk.token_to_id("<|im_end|>"),
+                     pad_token_id=tk.token_to_id("<|endoftext|>"), default_system=INSTRUCT_SYSTEM)
+
 # -----------------------------------------------------------------------------
 # Validation: JSON object -> normalised messages {"role", "content": str, "tool_calls": [{"name", "arguments": dict}]}
 

@@ -1983,6 +1983,7 @@ def build_parser() -> argparse.ArgumentParser:
     common_flags(d)
     d.add_argument("--data", default=str(REPO / "examples" / "agentic-heldout.jsonl"))
     d.add_argument("--max-new-tokens", type=int, default=64)
+    d.set_defaults(batch_size=32)  # 200 short prompts: batched, the demo's evaluation takes seconds, not minutes
 
     an = sub.add_parser("analyze", help="attention sinks and context engagement (paper §4.4, Figs. 2, 3, 6)")
     an.add_argument("--model", required=True, help="checkpoint directory (HF layout) or hub id")

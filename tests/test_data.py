@@ -840,6 +840,10 @@ def test_epoch_batches_deterministic_and_grouped():
 # The bundled dataset
 
 
+def demo_texts(convs):
+    return [data.render_chat(c["messages"])[0] for c in convs]
+
+
 def test_bundled_dataset_is_reproducible_and_consistent(tmp_path):
     r = subprocess.run([sys.executable, "-m", "examples.make_agentic", "--out-dir", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT)
@@ -848,19 +852,95 @@ def test_bundled_dataset_is_reproducible_and_consistent(tmp_path):
         assert (tmp_path / name).read_bytes() == (ROOT / "examples" / name).read_bytes(), f"{name} is stale"
     train = [json.loads(l) for l in (ROOT / "examples" / "agentic.jsonl").read_text().splitlines()]
     held = [json.loads(l) for l in (ROOT / "examples" / "agentic-heldout.jsonl").read_text().splitlines()]
-    assert len(train) == 2000 and len(held) == 200
-    questions = {c["messages"][1]["content"] for c in train}
-    assert not any(c["messages"][1]["content"] in questions for c in held)
-    bt = data.byte_tokenizer()
-    samples = data.load_dataset(ROOT / "examples" / "agentic.jsonl", bt, log=lambda s: None)
-    assert len(samples) == 2000 and max(len(s.input_ids) for s in samples) <= 1500
+    assert len(held) == 200 and len(train) >= 1000
+    tok = data.word_tokenizer(demo_texts(train))
+    samples = data.load_dataset(ROOT / "examples" / "agentic.jsonl", tok, log=lambda s: None)
+    assert len(samples) == len(train) and max(len(s.input_ids) for s in samples) <= 512
     for c, s in zip(train[:100], samples):
-        final = c["messages"][-1]["content"]
-        assert c["answer"] in final
-        sup = bt.decode([t for t, m in zip(s.input_ids, s.loss_mask) if m], skip_special_tokens=False)
-        assert sup.endswith(final + "<|im_end|>\n")
-        # the facts are in the tool outputs (the haystack), not in the question
-        tool_text = "\n".join(m["content"] for m in c["messages"] if m["role"] == "tool")
-        city, shift = c["answer"].removesuffix(" shift").split(", ")
-        name = final.split(" is in ")[0]
-        assert f"{name}, {city}" in tool_text and f"{name}: {shift}" in tool_text
+        sup = tok.decode([t for t, m in zip(s.input_ids, s.loss_mask) if m], skip_special_tokens=False)
+        assert sup.endswith(c["messages"][-1]["content"] + "<|im_end|>\n")
+        check_demo_conversation(c)
+    for c in held:
+        check_demo_conversation(c, n_records=8)
+    assert tok.tk.token_to_id("<unk>") not in {i for s in samples for i in s.input_ids}
+
+
+def answer_records(answer):
+    """"Found Ivy Oslo, Ivy night, Omar Lima, Omar late" -> [("Ivy", "Oslo", "night"), ("Omar", "Lima", "late")]"""
+    pairs = [p.split() for p in answer.removeprefix("Found ").split(", ")]
+    return [(a[0], a[1], b[1]) for a, b in zip(pairs[::2], pairs[1::2]) if a[0] == b[0]]
+
+
+def check_demo_conversation(c, n_records=None):
+    """The answer is the asked people's records, found in the tool outputs and nowhere before them."""
+    system, user, calls, roster, shifts, final = c["messages"]
+    assert final["content"] == c["answer"] + "."
+    found = answer_records(c["answer"])
+    assert found and len(c["answer"].split(", ")) == 2 * len(found)
+    for who, city, shift in found:
+        assert f"{city} {who}" in roster["content"].split("\n") and f"{shift} {who}" in shifts["content"].split("\n")
+        assert f" {who}" in user["content"]
+    values = {v for _, city, shift in found for v in (city, shift)}
+    before = " ".join([system["content"], user["content"], json.dumps(calls["tool_calls"])])
+    assert not values & set(before.replace("(", " ").replace(")", " ").replace('"', " ").split())
+    for tool in (roster, shifts):  # one record per person, distinct people
+        names = [line.split()[1] for line in tool["content"].split("\n")]
+        assert len(set(names)) == len(names) and {who for who, _, _ in found} <= set(names)
+        assert n_records is None or len(names) == n_records
+
+
+@pytest.mark.parametrize("records", [4, 16])
+def test_make_agentic_records(records):
+    from examples import make_agentic
+    train, held = make_agentic.generate(seed=7, n_train=300, n_heldout=50, max_records=records)
+    for c in held:
+        check_demo_conversation(c, n_records=records)
+        assert len(answer_records(c["answer"])) == 1  # held out: one person
+    sizes = [len(c["messages"][3]["content"].split("\n")) for c in train]
+    assert min(sizes) == 1 and max(sizes) == records  # training: a mix of sizes, up to `records`
+    for c in train:
+        check_demo_conversation(c)
+    assert not {c["messages"][1]["content"] for c in held} & {c["messages"][1]["content"] for c in train}
+    assert make_agentic.generate(seed=7, n_train=300, n_heldout=50, max_records=records) == (train, held)
+    with pytest.raises(ValueError, match="records must be in"):
+        make_agentic.generate(max_records=len(make_agentic.NAMES))
+
+
+def test_make_agentic_cli_records(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "examples.make_agentic", "--out-dir", str(tmp_path), "--records", "16",
+                        "--n-train", "40", "--n-heldout", "5", "--seed", "3"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    held = [json.loads(l) for l in (tmp_path / "agentic-heldout.jsonl").read_text().splitlines()]
+    assert len(held) == 5 and all(len(c["messages"][4]["content"].split("\n")) == 16 for c in held)
+    assert len((tmp_path / "agentic.jsonl").read_text().splitlines()) == 40
+    r = subprocess.run([sys.executable, "-m", "examples.make_agentic", "--out-dir", str(tmp_path), "--records", "0"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "records must be in" in r.stderr
+
+
+def test_word_tokenizer_round_trip_and_deterministic(tmp_path):
+    from examples import make_agentic
+    train, held = make_agentic.generate(seed=5, n_train=200, n_heldout=20)
+    tok = data.word_tokenizer(demo_texts(train))
+    assert tok.tk.to_str() == data.word_tokenizer(demo_texts(train)).tk.to_str()  # deterministic
+    assert tok.tk.to_str() == data.word_tokenizer(reversed(demo_texts(train))).tk.to_str()  # order-free
+    for text in demo_texts(train + held):
+        ids = tok.encode(text)
+        assert tok.decode(ids, skip_special_tokens=False) == text and tok.tk.token_to_id("<unk>") not in ids
+    # one token per name and value; the name is the same token in the question, the records and the answer
+    c = held[0]
+    (who, city, shift), = answer_records(c["answer"])
+    final = tok.encode(c["answer"])
+    assert len(final) == 6 and final[1] == final[4] == tok.tk.token_to_id("\u0120" + who)  # Found, " Ivy", " Oslo", ...
+    roster = tok.encode(c["messages"][3]["content"])
+    assert tok.decode(roster[roster.index(final[1]) - 1:roster.index(final[1]) + 1]) == f"{city} {who}"
+    assert final[1] in tok.encode(c["messages"][1]["content"])
+    names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert [tok.tk.token_to_id(n) for n in names] == [0, 1, 2] and (tok.eos_token_id, tok.pad_token_id) == (2, 0)
+    assert tok.decode(tok.encode("<tool_call>\nOslo")) == "<tool_call>\nOslo"  # added, not special, as in Qwen2.5
+    assert tok.decode(tok.encode("Found Zanzibar")) == "Found<unk>"  # an unseen word
+    for name, content in tok.files().items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+    loaded = data.load_tokenizer(tmp_path)
+    assert loaded.encode(demo_texts(held)[0]) == tok.encode(demo_texts(held)[0])
+    assert (loaded.eos_token_id, loaded.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)

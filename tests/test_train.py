@@ -630,3 +630,28 @@ def test_messages_key_reaches_the_data(tmp, unequal_data):
     expect_user_error([*args, "--out", tmp / "mk0"], "messages")  # the default key is not there
     run_inprocess([*args, "--out", tmp / "mk1", "--messages-key", "conversation"])
     assert log_records(tmp / "mk1")[0]["supervised_tokens"] > 0
+
+
+# -----------------------------------------------------------------------------
+# The demo's random model with a word-level tokenizer
+
+
+def test_tiny_words_model_trains_and_saves_its_tokenizer(tmp_path):
+    """--model tiny-words: the tokenizer is fitted on --data, the vocabulary sized to it, and both
+    are saved, so that eval.py and data.load_tokenizer read the checkpoint as any other."""
+    from examples import make_agentic
+    train_convs, held = make_agentic.generate(seed=3, n_train=24, n_heldout=4, max_records=4)
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in train_convs))
+    out = tmp_path / "out"
+    run_inprocess(["--model", "tiny-words", "--data", path, "--out", out, "--device", "cpu", "--dtype", "fp32",
+                   "--batch-size", "4", "--grad-accum", "1", "--max-steps", "2", "--no-grad-checkpointing"])
+    tok = data.load_tokenizer(out)
+    fitted = data.word_tokenizer(data.render_chat(c["messages"])[0] for c in train_convs)
+    assert tok.tk.to_str() == fitted.tk.to_str()
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] % 16 == 0 and 0 <= config["vocab_size"] - tok.tk.get_vocab_size() < 16
+    assert config["eos_token_id"] == tok.eos_token_id and config["num_hidden_layers"] == train.TINY_WORDS["num_hidden_layers"]
+    model = Qwen2.from_pretrained(out)
+    assert model.config.initializer_range == train.TINY_WORDS["initializer_range"]
+    assert len(log_records(out)) == 2

@@ -1,0 +1,128 @@
+"""Measured peak memory of a real training step on the CPU, for tests/test_memory.py.
+
+`measure_step_peak` runs optimizer steps through train.py's own code (train.wrap, on a one-rank
+gloo DDP group or without DDP, train.build_optimizer, train.train_step) and measures the peak of
+live CPU bytes during the third step: by then the AdamW state exists and DDP has rebuilt its
+buckets (in the second forward), as on every later step of a run. torch.profiler's allocation
+records ("[memory]" events, profile_memory=True) see every allocation and free, kernel scratch
+buffers included. The peak is measured as what is live when the step starts (the weights, the
+AdamW state, DDP's buckets and the batch, counted from the tensors themselves and DDP's own
+bucket sizes) plus the largest rise of the running sum of the records during the step; without
+DDP also as the running sum of a profiler started before the model is built (the two agree).
+
+NOTE: with DDP the running sum cannot start before the model: DDP's constructor broadcasts a
+flat copy of the weights through gloo, and when gloo's worker thread drops the last reference,
+the free is not recorded (the profiler records the main thread's frees), so a sum started there
+is sometimes a whole model too high for the rest of the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import train
+from model import Qwen2, Qwen2Config
+
+WINDOW = "measured step"
+
+
+def synthetic_batch(B: int, S: int, n_supervised: int, vocab: int, seed: int = 0) -> dict:
+    """B rows of S tokens without padding, as four context/response turns: a row's supervised
+    tokens are the last ones of each quarter of it. n_supervised (<= B * (S - 1)) tokens are
+    supervised in all (token 0 never is: it has no prediction)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, S), generator=g)
+    loss_mask = torch.zeros(B, S, dtype=torch.bool)
+    quarter = max(S // 4, 1)
+    order = sorted(range(1, S), key=lambda t: (quarter - 1 - t % quarter, t))  # quarter ends first
+    for b in range(B):
+        n_row = n_supervised // B + (b < n_supervised % B)
+        loss_mask[b, order[:n_row]] = True
+    return {"input_ids": ids, "attention_mask": torch.ones(B, S, dtype=torch.bool), "loss_mask": loss_mask}
+
+
+def rise_in_window(prof, name: str = WINDOW) -> int:
+    """The largest rise of the running sum of allocation records inside the record_function
+    window `name`, from where it opens."""
+    events = prof.profiler.kineto_results.events()
+    window = next(e for e in events if e.name() == name)
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"
+                    and window.start_ns() <= e.start_ns() <= window.end_ns())
+    live = peak = 0
+    for _, n in memory:
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
+def live_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors`."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def ddp_bucket_bytes(step_module) -> int:
+    """The size of DDP's gradient buckets (= the gradients, with gradient_as_bucket_view), as DDP
+    reports them (after the rebuild of the second forward when there was one)."""
+    info = step_module._get_ddp_logging_data()
+    sizes = info.get("rebuilt_bucket_sizes") or info["bucket_sizes"]
+    return sum(int(s) for s in str(sizes).split(","))
+
+
+def running_peak(prof, name: str = WINDOW) -> int:
+    """The largest running sum of all allocation records, from the profiler's start, inside the
+    record_function window `name`: the peak of live bytes there if the profiler started first."""
+    events = prof.profiler.kineto_results.events()
+    window = next(e for e in events if e.name() == name)
+    live = peak = 0
+    for t, n in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        live += n
+        if window.start_ns() <= t <= window.end_ns():
+            peak = max(peak, live)
+    return peak
+
+
+@dataclass
+class StepPeak:
+    held_plus_rise: int  # live at the step's start (from the tensors) + the largest rise in it
+    from_start: int | None  # without DDP: the running sum of a profiler started before the model
+
+
+def measure_step_peak(model_config: Qwen2Config, cfg: train.TrainConfig, batch: dict, ddp: bool = True) -> StepPeak:
+    """Peak live CPU bytes during the third of three train.train_step calls on `batch`, under a
+    one-rank gloo DDP group (ddp) or as one process without torchrun (then measured both ways)."""
+    rt = train.Runtime(rank=0, world=1, device=torch.device("cpu"), distributed=ddp)
+    if ddp:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    whole = profile(activities=[ProfilerActivity.CPU], profile_memory=True) if not ddp else None
+    try:
+        if whole:
+            whole.start()
+        torch.manual_seed(cfg.seed)
+        model = Qwen2(model_config).to(train.DTYPES[cfg.dtype])
+        model.gradient_checkpointing = cfg.grad_checkpointing
+        step_module = train.wrap(model, cfg, rt)
+        optimizer, scheduler = train.build_optimizer(model, cfg, rt, total_steps=10)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        for _ in range(2):
+            train.train_step(step_module, model, optimizer, scheduler, [batch], generator, cfg, rt)
+        gc.collect()
+        with contextlib.nullcontext(whole) if whole else profile(activities=[ProfilerActivity.CPU],
+                                                                  profile_memory=True) as prof:
+            with record_function(WINDOW):
+                train.train_step(step_module, model, optimizer, scheduler, [batch], generator, cfg, rt)
+        state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        held = live_bytes([*model.parameters(), *state, *batch.values()])
+        held += ddp_bucket_bytes(step_module) if ddp else 0
+    finally:
+        if whole:
+            whole.stop()
+        if ddp:
+            dist.destroy_process_group()
+    return StepPeak(held + rise_in_window(prof), running_peak(prof) if whole else None)
