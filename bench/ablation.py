@@ -354,31 +354,47 @@ METRICS = {  # key in result.json -> column title, decimals
     "accuracy": ("held-out accuracy (%)", 1),
     "train_s": ("training (s)", 0),
     "s_per_step": ("s/step", 2),
+    "step_vs_sft": ("step time / sft's", 2),  # per seed: both ran at about the same time (see plan)
     "sink": ("sink mass (%)", 2),
     "tool": ("tool share (%)", 1),
     "context": ("context engagement (%)", 1),
 }
 
 
-def mean_std(xs: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (n - 1); no deviation from a single value."""
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+def with_step_ratio(results: list[dict]) -> list[dict]:
+    """Each result plus step_vs_sft: its step time over that of the sft run of the same difficulty
+    and seed. NOTE: on shared cores a step's time drifts several-fold over an hour; the four
+    methods of one seed run side by side (see plan), so this ratio is what shows the inner loop's
+    cost, not s/step across seeds."""
+    sft = {(x["records"], x["seed"]): x["s_per_step"] for x in results if x["method"] == "sft"}
+    return [x | ({"step_vs_sft": x["s_per_step"] / sft[x["records"], x["seed"]]}
+                 if (x["records"], x["seed"]) in sft else {}) for x in results]
 
 
 def summarize(results: list[dict], methods: list[str], records: list[int]) -> list[dict]:
-    """One row per (difficulty, method) that has results, in plan order."""
-    rows = []
+    """One row per (difficulty, method) that has results, in plan order; a metric none of its
+    runs has (step_vs_sft without sft runs) is (None, None)."""
+    results, rows = with_step_ratio(results), []
     for r in records:
         for m in methods:
             mine = [x for x in results if x["method"] == m and x["records"] == r]
             if mine:
                 rows.append({"records": r, "method": m, "seeds": sorted(x["seed"] for x in mine),
-                             **{k: mean_std([x[k] for x in mine]) for k in METRICS}})
+                             **{k: mean_std([x[k] for x in mine if k in x]) for k in METRICS}})
     return rows
 
 
-def fmt(ms: tuple[float, float | None], decimals: int) -> str:
+def mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); no deviation from a single value, nothing from none."""
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def fmt(ms: tuple[float | None, float | None], decimals: int) -> str:
     mean, std = ms
+    if mean is None:
+        return "–"
     return f"{mean:.{decimals}f}" if std is None else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
@@ -411,7 +427,7 @@ def against_baseline(rows: list[dict], baseline: str = "sft") -> list[str]:
 
 
 def plot(rows: list[dict], path: Path) -> bool:
-    """Accuracy, step time, sink mass and tool share per method x difficulty, with ± std error
+    """Accuracy, step time relative to sft, sink mass and tool share per method x difficulty, with ± std error
     bars; False without matplotlib (optional)."""
     try:
         import matplotlib
@@ -424,11 +440,11 @@ def plot(rows: list[dict], path: Path) -> bool:
     records = list(dict.fromkeys(r["records"] for r in rows))
     width = 0.8 / len(records)
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))
-    for ax, key in zip(axes, ("accuracy", "s_per_step", "sink", "tool")):
+    for ax, key in zip(axes, ("accuracy", "step_vs_sft", "sink", "tool")):
         for j, rec in enumerate(records):
             cells = [next((r[key] for r in rows if r["method"] == m and r["records"] == rec), (math.nan, None))
                      for m in methods]
-            ax.bar([i + j * width for i in range(len(methods))], [c[0] for c in cells], width,
+            ax.bar([i + j * width for i in range(len(methods))], [math.nan if c[0] is None else c[0] for c in cells], width,
                    yerr=[c[1] or 0 for c in cells], capsize=3, label=f"{rec} records")
         ax.set_xticks([i + width * (len(records) - 1) / 2 for i in range(len(methods))], methods)
         ax.set(ylabel=METRICS[key][0], title=PLOT_TITLES[key])
@@ -440,7 +456,8 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-PLOT_TITLES = {"accuracy": "held-out accuracy (mean ± std over seeds)", "s_per_step": "training step time",
+PLOT_TITLES = {"accuracy": "held-out accuracy (mean ± std over seeds)",
+               "step_vs_sft": "training step time / sft's (same seed)",
                "sink": "sink mass, causal mask (positions 0-4)", "tool": "attention on tool outputs, causal mask"}
 
 

@@ -135,8 +135,11 @@ def test_aggregation_mean_std_and_table():
     assert rows[1]["accuracy"] == pytest.approx((35.0, 2 ** 0.5 * 2))  # 33, 37: variance (4 + 4) / 1
     assert rows[3]["accuracy"] == (40.0, None) and rows[2]["seeds"] == [1, 2, 3]
     md = ablation.table(rows)
-    assert "| 4 | focusft | yes | yes | 60.0 ± 10.0 | 20 ± 10 | 2.00 ± 1.00 | 2.00 ± 0.00 | 20.0 ± 0.0 | 70.0 ± 0.0 | 3 |" in md
-    assert "| 16 | focusft | yes | yes | 40.0 | 10 | 1.00 | 2.00 | 20.0 | 70.0 | 1 |" in md
+    # step time over the same seed's sft (1 s): 1, 2, 3; none at 16 records (no sft run there)
+    assert rows[2]["step_vs_sft"] == pytest.approx((2.0, 1.0)) and rows[3]["step_vs_sft"] == (None, None)
+    assert "| 4 | focusft | yes | yes | 60.0 ± 10.0 | 20 ± 10 | 2.00 ± 1.00 | 2.00 ± 1.00 | 2.00 ± 0.00 | 20.0 ± 0.0 " \
+           "| 70.0 ± 0.0 | 3 |" in md
+    assert "| 16 | focusft | yes | yes | 40.0 | 10 | 1.00 | – | 2.00 | 20.0 | 70.0 | 1 |" in md
     # focusft 60 +- 10 vs sft 30 +- 5: 30 > 15; sft-bidir 35 +- 2.8 vs 30 +- 5: 5 < 7.8
     assert ablation.against_baseline(rows) == [
         "- records 4, sft-bidir - sft: +5.0 points (within the seed spread)",
