@@ -155,3 +155,9 @@ def test_qwen7b_paper_run_estimate(tokens, budget_gib):
     cfg = train.parse_args(["--model", str(config_dir), "--max-length", str(tokens)])
     peak, _ = train.estimate_peak(train.memory_shape(cfg, train.estimate_model_config(cfg)))
     assert peak / 2**30 <= budget_gib
+
+
+def test_random_models_need_no_files():
+    """--model tiny / tiny-words name random models: their configs come from train.py itself."""
+    for name, layers in (("tiny", train.TINY["num_hidden_layers"]), ("tiny-words", train.TINY_WORDS["num_hidden_layers"])):
+        assert train.estimate_model_config(train.parse_args(["--model", name])).num_hidden_layers == layers
