@@ -461,7 +461,7 @@ PLOT_TITLES = {"accuracy": "held-out accuracy (mean ± std over seeds)",
                "sink": "sink mass, causal mask (positions 0-4)", "tool": "attention on tool outputs, causal mask"}
 
 
-def report(cfg: AblationConfig, runs: list[Run], wall_s: float, log=print) -> list[dict]:
+def report(cfg: AblationConfig, runs: list[Run], ran: int, wall_s: float, log=print) -> list[dict]:
     """results.md (the table, the differences from sft, every run), results.json, results.png."""
     results = [r for r in (read_result(cfg, run) for run in runs) if r is not None]
     rows = summarize(results, cfg.methods, cfg.records)
@@ -472,13 +472,13 @@ def report(cfg: AblationConfig, runs: list[Run], wall_s: float, log=print) -> li
           "Mean ± sample standard deviation over seeds. Sink mass, tool share and context engagement: "
           "attention of the response tokens under the causal mask (inference), averaged over heads, "
           f"layers and {min(cfg.analyze_samples, cfg.n_heldout)} held-out conversations. Runs: {cfg.jobs} at a "
-          f"time, one torch thread each; this invocation took {train.fmt_time(wall_s)}.", "",
+          f"time, one torch thread each; the last invocation ran {ran} of them in {train.fmt_time(wall_s)}.", "",
           "Accuracy against sft:", *against_baseline(rows), "", "## Every run", "",
           "| run | accuracy (%) | final loss | training (s) | s/step | sink (%) | tool (%) |", "|---|---|---|---|---|---|---|"]
     md += [f"| records-{r['records']}-{r['method']}-seed-{r['seed']} | {r['accuracy']:.1f} | {r['final_loss']:.4f} | "
            f"{r['train_s']:.0f} | {r['s_per_step']:.2f} | {r['sink']:.2f} | {r['tool']:.1f} |" for r in results]
     (out / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    write_json(out / "results.json", {"settings": cfg.shared(), "wall_s_last_invocation": wall_s,
+    write_json(out / "results.json", {"settings": cfg.shared(), "last_invocation": {"runs": ran, "wall_s": wall_s},
                                       "summary": rows, "runs": results})
     log("\n" + "\n".join(md[2:md.index("## Every run")]))
     pngs = " and results.png" if rows and plot(rows, out / "results.png") else \
@@ -536,7 +536,7 @@ def main(argv=None, log=print) -> list[dict]:
     t0 = time.time()
     progress = Progress(todo, cfg.jobs, len(runs) - len(todo), log)
     run_all(cfg, todo, progress)
-    rows = report(cfg, runs, time.time() - t0, log)
+    rows = report(cfg, runs, len(todo), time.time() - t0, log)
     log(f"wall time {train.fmt_time(time.time() - t0)} for {len(todo)} runs")
     if progress.failed:
         raise AblationError(f"{len(progress.failed)} run(s) failed: "
