@@ -742,12 +742,12 @@ def finish(run: dict, out: Path, start: int, first_loss: float | None, last_loss
 # phases (inner loop, the outer backward's loss, its layers, the AdamW step); each phase adds its
 # own tensors to the ones held all step (weights, AdamW state, and the gradients when DDP's
 # buckets or gradient accumulation keep them; otherwise autograd makes them during the outer
-# backward), and the peak is the largest phase. Every term names the code that allocates it. The per-layer terms are per-op
-# accounting of model.Block under each kind of autograd (checked against one layer's measured
-# peak: python -m bench.bench_method --layer-memory); the whole estimate is checked against the
-# measured peak of real CPU steps in tests/test_memory.py. The CUDA-only terms (the kernels in
-# memory_assumptions) are derived, not measured. They hold for I > ~2.5 D (every Qwen2 model):
-# a layer's backward then peaks in its MLP.
+# backward), and the peak is the largest phase. Every term names the code that allocates it.
+# The per-layer terms are per-op accounting of model.Block under each kind of autograd (checked
+# against one layer's measured peak: python -m bench.bench_method --layer-memory); the whole
+# estimate is checked against the measured peak of real CPU steps in tests/test_memory.py. The
+# CUDA-only terms (the kernels in memory_assumptions) are derived, not measured. They hold for
+# I > ~2.5 D (every Qwen2 model): a layer's backward then peaks in its MLP.
 
 ESTIMATE_ONLY = ("estimate_memory", "nproc", "supervised_fraction")
 GiB = 2 ** 30
