@@ -54,8 +54,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+import checkpoint
 import data
 import focusft
+import generate as generate_lib
 import model as model_lib
 
 REPO = Path(__file__).resolve().parent
@@ -110,8 +112,8 @@ class Engine:
         """Greedy continuations of a batch of token-id prompts, decoded without special tokens."""
         stop, pad = self.stop_ids, self.tok.pad_token_id
         if self.focus_cfg is None:
-            outs = model_lib.generate(self.model, prompts, max_new_tokens, stop_ids=stop, pad_id=pad,
-                                      prefill_chunk=self.prefill_chunk)
+            outs = generate_lib.generate(self.model, prompts, max_new_tokens, stop_ids=stop, pad_id=pad,
+                                         prefill_chunk=self.prefill_chunk)
         else:
             # Table 8: one inner step on each prompt, then generate with those fast weights. One
             # prompt at a time: every prompt gets its own fast weights.
@@ -122,18 +124,18 @@ class Engine:
                 with torch.enable_grad():  # the inner step differentiates w.r.t. the fast weights
                     fw = focusft.adapt_on_prompt(self.model, x, torch.ones_like(x, dtype=torch.bool),
                                                  self.focus_cfg, g, steps=1)
-                outs += model_lib.generate(self.model, [ids], max_new_tokens, stop_ids=stop, pad_id=pad,
-                                           prefill_chunk=self.prefill_chunk, fast_weights=fw,
-                                           fast_scale=self.focus_cfg.fast_scale)
+                outs += generate_lib.generate(self.model, [ids], max_new_tokens, stop_ids=stop, pad_id=pad,
+                                              prefill_chunk=self.prefill_chunk, fast_weights=fw,
+                                              fast_scale=self.focus_cfg.fast_scale)
         return [self.tok.decode(o, skip_special_tokens=True) for o in outs]
 
     def sample(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                generators: list[torch.Generator]) -> list[list[int]]:
         """Sampled continuations as token ids, ending with the stop token when one was produced
         (an agent loop appends them to the context as they are). One generator per prompt."""
-        return model_lib.generate(self.model, prompts, max_new_tokens, stop_ids=self.stop_ids,
-                                  pad_id=self.tok.pad_token_id, prefill_chunk=self.prefill_chunk,
-                                  temperature=temperature, top_p=top_p, generator=generators, keep_stop=True)
+        return generate_lib.generate(self.model, prompts, max_new_tokens, stop_ids=self.stop_ids,
+                                     pad_id=self.tok.pad_token_id, prefill_chunk=self.prefill_chunk,
+                                     temperature=temperature, top_p=top_p, generator=generators, keep_stop=True)
 
 
 def wrap_prompt(prompt: str, chat: bool, default_system: str) -> str:
@@ -153,7 +155,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 def load_model(model_dir, device: str | None = None, dtype: str | None = None):
     """(model, tokenizer, checkpoint path). Defaults: cuda and bf16 when CUDA is available, else
     cpu and fp32."""
-    path = model_lib.resolve_checkpoint(model_dir)
+    path = checkpoint.resolve_checkpoint(model_dir)
     tok = data.load_tokenizer(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
@@ -182,7 +184,7 @@ def default_chat(path: Path, tok) -> tuple[bool, str]:
 
 def load_engine(model_dir, device=None, dtype=None, chat=None, batch_size=1, prefill_chunk=1024,
                 inner_adapt=False, seed=0, log=print) -> Engine:
-    """Load a checkpoint (model.py) and its tokenizer (data.py); chat=None picks `default_chat`."""
+    """Load a checkpoint (checkpoint.py) and its tokenizer (data.py); chat=None picks `default_chat`."""
     model, tok, path = load_model(model_dir, device, dtype)
     why = "--chat" if chat else "--no-chat"
     if chat is None:

@@ -422,7 +422,7 @@ def adapt_on_prompt(model, input_ids, attention_mask, cfg: FocusConfig, generato
                     steps: int = 1):
     """Inference-time adaptation (paper Appendix B.3, Table 8): `steps` inner steps on the prompt
     itself (next-token loss over all prompt tokens, causal mask), with the run's fast-weight
-    settings. Returns fast weights for model.generate(model, ..., fast_weights=, fast_scale=cfg.fast_scale).
+    settings. Returns fast weights for generate.generate(model, ..., fast_weights=, fast_scale=cfg.fast_scale).
     Prompts are long and every prompt token is a target, so the layers are always recomputed one at
     a time and the loss taken in chunks: memory stays that of one layer plus one chunk of logits."""
     cfg = replace(cfg, method="causal-bilevel", inner_steps=steps)

@@ -11,10 +11,10 @@ two hooks FocuSFT needs:
   * explicit attention masks: `attn_mask=None` is causal, otherwise a boolean (B, 1, S, S)
     "query i may attend to key j" mask (the GLM-style mask of focusft.build_mask).
 
-The file reads top to bottom: config, RoPE, the network (RMSNorm, LoRA-able linear, MLP,
-Attention, Block, Qwen2), then, as functions beside the network rather than methods on it,
-KV-cache generation (`generate(model, ...)`) and HF checkpoint I/O (`load_pretrained`,
-`save_pretrained`; `Qwen2.from_pretrained` / `model.save_pretrained` call them).
+The file is the network only and reads top to bottom: config, RoPE, the network (RMSNorm,
+LoRA-able linear, MLP, Attention, Block, Qwen2). Beside it, as functions rather than methods:
+generate.py (KV-cache decoding, `generate(model, ...)`) and checkpoint.py (HF checkpoint I/O,
+`load_pretrained` / `save_pretrained`, which `Qwen2.from_pretrained` / `model.save_pretrained` call).
 
 Notation used in the shape comments:
   B batch, S query length, T key length (S, or the KV-cache length while generating),
@@ -23,13 +23,9 @@ Notation used in the shape comments:
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -334,7 +330,8 @@ class Qwen2(nn.Module):
 
     def run_layers(self, h, rope, attn_mask, start=0, end=None, fast_weights=None, fast_scale=1.0,
                    attn_probs=None, cache=None):
-        """Run decoder blocks start..end-1 on hidden states h (B, S, D)."""
+        """Run decoder blocks start..end-1 on hidden states h (B, S, D). cache: a generate.KVCache while
+        decoding (any object whose `update(layer, k, v)` returns the keys and values so far), else None."""
         cos, sin = rope
         end = self.config.num_hidden_layers if end is None else end
         for i in range(start, end):
@@ -370,278 +367,19 @@ class Qwen2(nn.Module):
         hidden_states() and take logits at the supervised positions only."""
         return self.logits(self.hidden_states(input_ids, attn_mask, position_ids, fast_weights, fast_scale))
 
-    # --- checkpoints: the familiar entry points (the work is done by the functions below the class)
+    # --- checkpoints: the familiar entry points (the work is done in checkpoint.py). NOTE: the imports
+    # are inside the methods on purpose: checkpoint.py imports this module, so a top-level import
+    # here would be a cycle.
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id, dtype=None, device=None) -> "Qwen2":
-        """Load an HF checkpoint directory or hub id: see `load_pretrained`."""
+        """Load an HF checkpoint directory or hub id: see `checkpoint.load_pretrained`."""
+        from checkpoint import load_pretrained
+
         return load_pretrained(path_or_hub_id, dtype, device)
 
     def save_pretrained(self, out_dir, extra_files=None, max_shard_bytes: int = 5 * 10**9):
-        """Write an HF-layout checkpoint atomically: see `save_pretrained`."""
+        """Write an HF-layout checkpoint atomically: see `checkpoint.save_pretrained`."""
+        from checkpoint import save_pretrained
+
         save_pretrained(self, out_dir, extra_files, max_shard_bytes)
-
-
-# -----------------------------------------------------------------------------
-# Generation (beside the network, not on it: the model only runs layers)
-
-
-class KVCache:
-    """Preallocated keys/values for generation: per layer (B, KVH, T_max, hd)."""
-
-    def __init__(self, cfg: Qwen2Config, batch: int, max_len: int, dtype, device):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.pos = 0  # where the tokens of the current forward go
-
-    def update(self, layer, k, v):
-        end = self.pos + k.shape[2]
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filtering of (..., V) probabilities: zero every token outside the smallest set of most
-    likely tokens whose mass reaches top_p. A token stays iff the mass ranked above it is < top_p,
-    so the most likely token always stays (the rule of vLLM's and HF's top-p; not renormalised)."""
-    if top_p >= 1.0:
-        return probs
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    above = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked before each one
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(above >= top_p, 0.0))
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None,
-                rows: list[bool] | None = None) -> torch.Tensor:
-    """Next tokens (B,) from last-position logits (B, V): argmax when temperature is 0, else a draw
-    from softmax(logits / temperature) restricted to the top-p nucleus.
-
-    generator: one torch.Generator for the batch, or a list of one per row; rows: which rows draw
-    (default all). With a list, row b consumes exactly one number of its own generator per token it
-    samples, so its samples do not depend on the other rows or on when the batch ends.
-    """
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = top_p_filter(torch.softmax(logits.float() / temperature, dim=-1), top_p)  # (B, V)
-    cdf = probs.cumsum(-1)
-    B = logits.shape[0]
-    if isinstance(generator, (list, tuple)):
-        u = torch.zeros(B, device=logits.device)
-        for b, g in enumerate(generator):
-            if rows is None or rows[b]:
-                u[b] = torch.rand((), generator=g, device=g.device).to(logits.device)
-    else:
-        u = torch.rand(B, generator=generator, device=logits.device)
-    # inverse CDF: the first token whose cumulative mass exceeds u (zero-mass tokens never do)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    return idx.clamp_(max=logits.shape[-1] - 1)
-
-
-@torch.no_grad()
-def generate(model: Qwen2, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int = 0,
-             prefill_chunk: int = 1024, fast_weights=None, fast_scale=1.0, temperature: float = 0.0,
-             top_p: float = 1.0, generator=None, keep_stop: bool = False) -> list[list[int]]:
-    """Decoding with a KV cache for a batch of prompts (left-padded internally): greedy by default,
-    sampled (see `sample_next`) when temperature > 0, which needs `generator` (one torch.Generator,
-    or a list with one per prompt for per-prompt reproducible streams).
-
-    Returns the new tokens of each prompt, without the stop token (with it if keep_stop). The prompt
-    is prefilled in chunks of `prefill_chunk` queries, so a 32K prompt never needs a 32K x 32K score
-    matrix."""
-    if temperature > 0 and generator is None:
-        raise ValueError("generate(temperature > 0) needs a seeded torch.Generator (or one per prompt)")
-    device = model.model.embed_tokens.weight.device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    T = P + max_new_tokens
-    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros(B, T, dtype=torch.bool, device=device)  # real (non-pad) key slots
-    for b, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError("generate() got an empty prompt")
-        ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        valid[b, P - len(p):] = True  # generated slots count as real from the start
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding shifts positions
-    cache = KVCache(model.config, B, T, model.model.embed_tokens.weight.dtype, device)
-    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
-
-    def step(tokens, start):  # run tokens (B, n) at cache slots start..start+n-1 -> last logits (B, V)
-        n = tokens.shape[1]
-        q_pos = torch.arange(start, start + n, device=device)
-        k_pos = torch.arange(start + n, device=device)
-        mask = valid[:, None, None, :start + n] & (k_pos[None, :] <= q_pos[:, None])  # (B, 1, n, start+n)
-        # a padding query sees no real key: let it see itself, or SDPA returns NaN for the row
-        mask = mask | (k_pos[None, :] == q_pos[:, None])
-        cache.pos = start
-        h = model.embed(tokens)
-        h = model.run_layers(h, model.rope(positions[:, start:start + n], h.dtype), mask,
-                             fast_weights=fast_weights, fast_scale=fast_scale, cache=cache)
-        return model.logits(model.model.norm(h[:, -1]))
-
-    for s in range(0, P, prefill_chunk):
-        logits = step(ids[:, s:s + prefill_chunk], s)
-    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    n_new, active = 0, [True] * B
-    for t in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, generator, rows=active)
-        out[:, t] = nxt
-        n_new = t + 1
-        done |= torch.isin(nxt, stop)
-        active = (~done).tolist()  # finished rows draw no more random numbers
-        if t == max_new_tokens - 1 or not any(active):
-            break
-        logits = step(nxt[:, None], P + t)
-    result = []
-    for row in out[:, :n_new].tolist():
-        cut = next((i for i, tok in enumerate(row) if tok in stop_ids), len(row))
-        result.append(row[:cut + 1] if keep_stop and cut < len(row) else row[:cut])
-    return result
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints in Hugging Face layout
-
-
-def load_pretrained(path_or_hub_id, dtype=None, device=None) -> Qwen2:
-    """Load an HF Qwen2/Qwen2.5 checkpoint: a local directory or a hub id.
-
-    dtype=None keeps the checkpoint's stored dtype (config `dtype`/`torch_dtype`). The model
-    is built on the meta device and the tensors are assigned, so it never exists twice."""
-    path = resolve_checkpoint(path_or_hub_id)
-    try:
-        cfg = Qwen2Config.from_hf(json.loads((path / "config.json").read_text()))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"cannot read {path / 'config.json'}: {e}") from None
-    dtype = dtype or cfg.torch_dtype
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    device = torch.device(device or "cpu")
-    with torch.device("meta"):
-        model = Qwen2(cfg)
-    state = read_safetensors(path, device)
-    for k in list(state):  # convert one tensor at a time: peak memory stays ~one model
-        state[k] = state.pop(k).to(dtype) if not k.endswith("rotary_emb.inv_freq") else state.pop(k)
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    expected = set(model.state_dict())
-    missing, unexpected = expected - state.keys(), state.keys() - expected
-    if missing or unexpected:
-        raise ModelError(f"{path}: checkpoint does not match the Qwen2 layout; missing "
-                         f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_word_embeddings:  # assign=True created two Parameters; make them one again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.config.torch_dtype = str(dtype).replace("torch.", "")
-    model.source_dir = path
-    return model
-
-def save_pretrained(model: Qwen2, out_dir, extra_files: dict[str, str | bytes | Callable[[Path], None]] | None = None,
-                    max_shard_bytes: int = 5 * 10**9):
-    """Write an HF-layout checkpoint atomically (temp dir, then rename).
-
-    extra_files: name -> str | bytes | callable(path) written into the same directory (e.g.
-    tokenizer files, train_state.pt). Tokenizer files of the source checkpoint are copied
-    when known and not overridden."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _write_checkpoint(model, tmp, extra_files, max_shard_bytes)
-    except BaseException:  # a failed save leaves the previous checkpoint and no debris
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    # Swap in the new directory. A crash before the rename leaves the old one intact.
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-def _write_checkpoint(model: Qwen2, tmp: Path, extra_files: dict | None, max_shard_bytes: int):
-    from safetensors.torch import save_file
-
-    cfg = model.config.to_hf()
-    cfg["torch_dtype"] = cfg["dtype"] = str(model.lm_head.weight.dtype).replace("torch.", "")
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")  # HF convention: tied checkpoints carry no lm_head
-    shards, size = [{}], 0
-    for k, v in state.items():
-        n = v.numel() * v.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k], size = v, size + n
-    if len(shards) == 1:
-        save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, tmp / name, metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    extra = dict(extra_files or {})
-    if model.source_dir is not None:
-        for name in TOKENIZER_FILES:
-            if name not in extra and (model.source_dir / name).is_file():
-                shutil.copy(model.source_dir / name, tmp / name)
-    for name, content in extra.items():
-        if callable(content):
-            content(tmp / name)
-        elif isinstance(content, bytes):
-            (tmp / name).write_bytes(content)
-        else:
-            (tmp / name).write_text(content)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "generation_config.json")
-
-
-def resolve_checkpoint(path_or_hub_id) -> Path:
-    """A local directory as is; otherwise a hub id fetched with huggingface_hub (config, weights
-    and tokenizer files only)."""
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
-        return path
-    if path.exists() or str(path_or_hub_id).count("/") != 1:
-        raise ModelError(f"{path_or_hub_id!r} is neither a checkpoint directory nor a hub id like 'Qwen/Qwen2.5-7B'")
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(str(path_or_hub_id),
-                                  allow_patterns=["*.json", "*.safetensors", "merges.txt", "vocab.json"])
-    except Exception as e:  # network errors come in many types; all mean "could not fetch"
-        raise ModelError(f"could not download {path_or_hub_id!r} from the Hugging Face hub "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-                         "Without network access, download it elsewhere and pass the local directory, "
-                         "e.g. --model /path/to/Qwen2.5-7B") from None
-    return Path(local)
-
-
-def read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise ModelError(f"{path} has no model.safetensors or model.safetensors.index.json")
-    state = {}
-    for f in files:
-        state.update(load_file(path / f, device=str(device)))
-    return state

@@ -44,7 +44,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import focusft
-from model import TINY, ModelError, Qwen2, Qwen2Config, RMSNorm, resolve_checkpoint
+from checkpoint import resolve_checkpoint
+from model import TINY, ModelError, Qwen2, Qwen2Config, RMSNorm
 
 
 class TrainError(Exception):

@@ -1,10 +1,11 @@
-"""Benchmark model.py against transformers' Qwen2ForCausalLM (sdpa) on one CPU-sized config.
+"""Benchmark model.py and generate.py against transformers' Qwen2ForCausalLM (sdpa) on one CPU-sized
+config.
 
 Measures, with the SAME weights in both models:
   1. forward + backward time of a next-token loss over every position (logits from each model's own
      forward, the same cross-entropy outside), interleaved repeats, median, ratio ours / HF;
-  2. greedy generation tokens/s: ours.generate vs hf.generate(do_sample=False) with eos disabled and
-     min_new_tokens = max_new_tokens, so both produce exactly the same number of tokens; then the
+  2. greedy generation tokens/s: generate.generate vs hf.generate(do_sample=False) with eos disabled
+     and min_new_tokens = max_new_tokens, so both produce exactly the same number of tokens; then the
      same with sampling (temperature 1.0, top-p 0.6, the GPQA setting; ours with one seeded
      generator per prompt), so the cost of sampling shows against greedy decoding on both sides;
   3. a long-prompt prefill of ours on a tiny model: wall time and the largest attention score block
@@ -25,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import generate as G
 import model as M
 
 
@@ -141,7 +143,7 @@ def main():
         out["hf"] = o[:, args.gen_prompt:].tolist()
 
     def gen_ours():
-        out["ours"] = M.generate(ours, prompts.tolist(), args.gen_new, stop_ids=[])
+        out["ours"] = G.generate(ours, prompts.tolist(), args.gen_new, stop_ids=[])
 
     def sample_hf():
         with torch.no_grad():
@@ -151,7 +153,7 @@ def main():
 
     def sample_ours():
         gens = [torch.Generator().manual_seed(i) for i in range(args.gen_batch)]
-        M.generate(ours, prompts.tolist(), args.gen_new, stop_ids=[], temperature=1.0, top_p=0.6, generator=gens)
+        G.generate(ours, prompts.tolist(), args.gen_new, stop_ids=[], temperature=1.0, top_p=0.6, generator=gens)
 
     gen = interleaved({"hf": gen_hf, "ours": gen_ours, "hf_sample": sample_hf, "ours_sample": sample_ours},
                       args.gen_repeats)
@@ -173,7 +175,7 @@ def main():
 
         M.F.scaled_dot_product_attention = recording_sdpa
         try:
-            secs = timed(lambda: M.generate(tiny, [prompt], 1, stop_ids=[], prefill_chunk=args.prefill_chunk))
+            secs = timed(lambda: G.generate(tiny, [prompt], 1, stop_ids=[], prefill_chunk=args.prefill_chunk))
         finally:
             M.F.scaled_dot_product_attention = sdpa
         q, k = max(seen, key=lambda s: s[0] * s[1])

@@ -150,7 +150,7 @@ def test_stop_tokens_follow_the_prompt_format(monkeypatch):
     assert set(ev.Engine(model=None, tok=BYTES, chat=True).stop_ids) == {im_end, eot}
     assert ev.Engine(model=None, tok=BYTES, chat=False).stop_ids == [eot]
     seen = []
-    monkeypatch.setattr(ev.model_lib, "generate", lambda model, prompts, n, stop_ids, **kw: seen.append(stop_ids) or [[]])
+    monkeypatch.setattr(ev.generate_lib, "generate", lambda model, prompts, n, stop_ids, **kw: seen.append(stop_ids) or [[]])
     ev.Engine(model=None, tok=BYTES, chat=False).generate([[65]], 4, seeds=[0])
     assert seen == [[eot]]
 
@@ -1060,7 +1060,7 @@ def test_inner_adapt_wiring(tmp_path, monkeypatch):
         return [[ord("x")] for _ in prompts]
 
     monkeypatch.setattr(focusft, "adapt_on_prompt", fake_adapt)
-    monkeypatch.setattr(ev.model_lib, "generate", fake_generate)
+    monkeypatch.setattr(ev.generate_lib, "generate", fake_generate)
     engine = ev.Engine(model=torch.nn.Linear(1, 1), tok=BYTES, chat=False, batch_size=2, focus_cfg=cfg)
     assert engine.generate([[5, 6, 7], [8, 9]], 4, seeds=[1, 2]) == ["x", "x"]
     # one prompt at a time, each with its own fast weights, scaled by alpha / rank

@@ -26,6 +26,7 @@ import torch
 
 
 import focusft
+import generate as generate_lib
 import model as model_lib
 from focusft import FocusConfig
 from model import TINY, Qwen2, Qwen2Config
@@ -645,8 +646,8 @@ def test_adapt_on_prompt_lowers_the_prompt_loss():
             losses.append(full_logits_loss(model, prompt, mask, fast, cfg.fast_scale).item())
     assert losses[0] > losses[1] > losses[2], losses
     # the generation API accepts them
-    out = model_lib.generate(model, [ids[0].tolist()], max_new_tokens=3, stop_ids=[], fast_weights=fast,
-                         fast_scale=cfg.fast_scale)
+    out = generate_lib.generate(model, [ids[0].tolist()], max_new_tokens=3, stop_ids=[], fast_weights=fast,
+                                    fast_scale=cfg.fast_scale)
     assert len(out[0]) == 3
 
 

@@ -1,4 +1,4 @@
-"""Tests for model.py. Every test compares against a reference:
+"""Tests for model.py, generate.py and checkpoint.py. Every test compares against a reference:
 
   * Hugging Face `transformers.Qwen2ForCausalLM` (sdpa and eager) as the oracle for logits, gradients,
     masks, position ids, checkpoints and generation (these tests skip when transformers is absent);
@@ -22,6 +22,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+import generate as G
 import model as M
 from model import ModelError, Qwen2, Qwen2Config
 
@@ -633,9 +634,9 @@ def test_kv_cache_generation_matches_brute_force():
     refs = [brute_force_greedy(m, p, n) for p in prompts]
     assert len({tuple(r) for r in refs}) == 3  # different prompts, different continuations
     for p, ref in zip(prompts, refs):
-        assert M.generate(m, [p], n, stop_ids=[]) == [ref]
+        assert G.generate(m, [p], n, stop_ids=[]) == [ref]
     # batched with left padding == one by one
-    assert M.generate(m, prompts, n, stop_ids=[], pad_id=7) == refs
+    assert G.generate(m, prompts, n, stop_ids=[], pad_id=7) == refs
 
 
 def test_generation_stops_per_sequence():
@@ -646,8 +647,8 @@ def test_generation_stops_per_sequence():
     stop = refs[0][3]  # a token that the first row produces at step 3
     expect = [r[:r.index(stop)] if stop in r else r for r in refs]
     assert len(expect[0]) == 3
-    assert M.generate(m, prompts, n, stop_ids=[stop, 300]) == expect
-    assert M.generate(m, [prompts[1]], n, stop_ids=[stop, 300]) == [expect[1]]
+    assert G.generate(m, prompts, n, stop_ids=[stop, 300]) == expect
+    assert G.generate(m, [prompts[1]], n, stop_ids=[stop, 300]) == [expect[1]]
 
 
 def test_generation_matches_transformers_generate(hf_checkpoint):
@@ -656,7 +657,7 @@ def test_generation_matches_transformers_generate(hf_checkpoint):
     prompts = [ids_for(301, 12, seed=30).tolist(), ids_for(301, 7, seed=31).tolist(),
                ids_for(301, 3, seed=32).tolist()]
     n, pad = 9, 0
-    free = M.generate(ours, prompts, n, stop_ids=[])
+    free = G.generate(ours, prompts, n, stop_ids=[])
     stop = free[1][4]  # make one row stop early
     P = max(map(len, prompts))
     ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
@@ -667,7 +668,7 @@ def test_generation_matches_transformers_generate(hf_checkpoint):
     ref = []
     for row in out[:, P:].tolist():
         ref.append(row[:row.index(stop)] if stop in row else row)
-    assert M.generate(ours, prompts, n, stop_ids=[stop], pad_id=pad) == ref
+    assert G.generate(ours, prompts, n, stop_ids=[stop], pad_id=pad) == ref
     assert len(ref[1]) == 4 and max(map(len, ref)) == n
 
 
@@ -675,7 +676,7 @@ def test_chunked_prefill_keeps_score_matrix_chunk_sized(monkeypatch):
     m = small_model()
     prompts = [ids_for(301, 70, seed=40).tolist(), ids_for(301, 45, seed=41).tolist()]
     n, chunk = 5, 16
-    full = M.generate(m, prompts, n, stop_ids=[], prefill_chunk=4096)
+    full = G.generate(m, prompts, n, stop_ids=[], prefill_chunk=4096)
     assert full == [brute_force_greedy(m, p, n) for p in prompts]
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -685,7 +686,7 @@ def test_chunked_prefill_keeps_score_matrix_chunk_sized(monkeypatch):
         return sdpa(q, k, v, attn_mask, *args, **kw)
 
     monkeypatch.setattr(M.F, "scaled_dot_product_attention", recording_sdpa)
-    chunked = M.generate(m, prompts, n, stop_ids=[], prefill_chunk=chunk)
+    chunked = G.generate(m, prompts, n, stop_ids=[], prefill_chunk=chunk)
     assert chunked == full
     L = m.config.num_hidden_layers
     assert len(seen) == L * (math.ceil(70 / chunk) + n - 1)
@@ -713,7 +714,7 @@ def brute_force_nucleus(probs, top_p):
 def test_top_p_filter_matches_brute_force(top_p):
     g = torch.Generator().manual_seed(3)
     probs = torch.softmax(torch.randn(4, 50, generator=g, dtype=torch.float64) * 2, dim=-1)
-    got = M.top_p_filter(probs, top_p)
+    got = G.top_p_filter(probs, top_p)
     for row, got_row in zip(probs.tolist(), got.tolist()):
         assert got_row == pytest.approx(brute_force_nucleus(row, top_p), abs=0)
     assert (got > 0).sum(-1).min() >= 1  # the most likely token always stays
@@ -726,7 +727,7 @@ def test_sampled_frequencies_follow_the_nucleus():
     probs = torch.softmax(logits.double() / temperature, -1)[0].tolist()
     kept = brute_force_nucleus(probs, top_p)
     expect = [p / sum(kept) for p in kept]
-    draws = M.sample_next(logits.expand(n, -1), temperature, top_p, torch.Generator().manual_seed(0))
+    draws = G.sample_next(logits.expand(n, -1), temperature, top_p, torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=8).double() / n
     for f, e in zip(freq.tolist(), expect):
         assert abs(f - e) < 4 * math.sqrt(e * (1 - e) / n) + 1e-9, (freq, expect)  # 4 sigma; 0 outside the nucleus
@@ -735,15 +736,15 @@ def test_sampled_frequencies_follow_the_nucleus():
 def test_sampling_limits_equal_greedy():
     m = small_model()
     prompts = [ids_for(301, 9, seed=50).tolist(), ids_for(301, 5, seed=51).tolist()]
-    greedy = M.generate(m, prompts, 8, stop_ids=[])
-    cold = M.generate(m, prompts, 8, stop_ids=[], temperature=1e-6, generator=torch.Generator().manual_seed(1))
-    narrow = M.generate(m, prompts, 8, stop_ids=[], temperature=1.0, top_p=1e-9,
+    greedy = G.generate(m, prompts, 8, stop_ids=[])
+    cold = G.generate(m, prompts, 8, stop_ids=[], temperature=1e-6, generator=torch.Generator().manual_seed(1))
+    narrow = G.generate(m, prompts, 8, stop_ids=[], temperature=1.0, top_p=1e-9,
                         generator=torch.Generator().manual_seed(2))
     assert cold == greedy and narrow == greedy
-    hot = M.generate(m, prompts, 8, stop_ids=[], temperature=1.0, generator=torch.Generator().manual_seed(1))
+    hot = G.generate(m, prompts, 8, stop_ids=[], temperature=1.0, generator=torch.Generator().manual_seed(1))
     assert hot != greedy  # it does sample
     with pytest.raises(ValueError, match="Generator"):
-        M.generate(m, prompts, 8, stop_ids=[], temperature=1.0)
+        G.generate(m, prompts, 8, stop_ids=[], temperature=1.0)
 
 
 def test_seeded_sampling_is_reproducible_and_per_prompt():
@@ -752,7 +753,7 @@ def test_seeded_sampling_is_reproducible_and_per_prompt():
 
     def run(rows, seeds, **kw):
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        return M.generate(m, [prompts[i] for i in rows], 12, stop_ids=[], temperature=1.0, top_p=0.9,
+        return G.generate(m, [prompts[i] for i in rows], 12, stop_ids=[], temperature=1.0, top_p=0.9,
                           generator=gens, **kw)
 
     a = run([0, 1, 2], [7, 8, 9])
@@ -762,7 +763,7 @@ def test_seeded_sampling_is_reproducible_and_per_prompt():
     assert run([1], [8]) == [a[1]] and run([2, 0], [9, 7]) == [a[2], a[0]]
     # ... nor on when the others stop: a row that stops draws no more numbers
     stop = a[0][3]
-    stopped = M.generate(m, prompts, 12, stop_ids=[stop], temperature=1.0, top_p=0.9, keep_stop=True,
+    stopped = G.generate(m, prompts, 12, stop_ids=[stop], temperature=1.0, top_p=0.9, keep_stop=True,
                          generator=[torch.Generator().manual_seed(s) for s in (7, 8, 9)])
     assert stopped[0] == a[0][:a[0].index(stop) + 1]  # keep_stop: the stop token ends the row
     for row, full in zip(stopped[1:], a[1:]):
@@ -781,7 +782,7 @@ def test_bf16_smoke(tmp_path):
     assert (out.float() - ref).abs().max() < 0.15 * ref.abs().max()
     out.float().logsumexp(-1).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
-    gen = M.generate(m, [ids[0].tolist(), ids[1, :7].tolist()], 4, stop_ids=[])
+    gen = G.generate(m, [ids[0].tolist(), ids[1, :7].tolist()], 4, stop_ids=[])
     assert [len(g) for g in gen] == [4, 4] and all(0 <= t < 301 for g in gen for t in g)
     transformers = pytest.importorskip("transformers")
     m.save_pretrained(tmp_path / "bf16")
