@@ -72,9 +72,9 @@ import torch
 INSTRUCT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 BASE_SYSTEM = "You are a helpful assistant."
 
-# Per-token segment labels, used by eval.py's attention analysis. A token belongs to the segment in
-# which its first character lies; template scaffolding (<|im_start|>user, <|im_end|>\n) belongs to
-# the turn it frames.
+# Per-token segment labels, used by the attention analysis (evals/analyze.py). A token belongs to
+# the segment in which its first character lies; template scaffolding (<|im_start|>user,
+# <|im_end|>\n) belongs to the turn it frames.
 SEG_SYSTEM_USER = 0       # system prompt, tools block, user turns
 SEG_TOOL = 1              # the user turn that wraps <tool_response> blocks
 SEG_ASSISTANT_HEADER = 2  # "<|im_start|>assistant\n" (also the generation prompt)
