@@ -72,9 +72,9 @@ import torch
 INSTRUCT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 BASE_SYSTEM = "You are a helpful assistant."
 
-# Per-token segment labels, used by eval.py's attention analysis. A token belongs to the segment in
-# which its first character lies; template scaffolding (<|im_start|>user, <|im_end|>\n) belongs to
-# the turn it frames.
+# Per-token segment labels, used by the attention analysis (evals/analyze.py). A token belongs to
+# the segment in which its first character lies; template scaffolding (<|im_start|>user,
+# <|im_end|>\n) belongs to the turn it frames.
 SEG_SYSTEM_USER = 0       # system prompt, tools block, user turns
 SEG_TOOL = 1              # the user turn that wraps <tool_response> blocks
 SEG_ASSISTANT_HEADER = 2  # "<|im_start|>assistant\n" (also the generation prompt)
@@ -171,6 +171,14 @@ def _json(x):
     # The template's `tojson` (transformers overrides jinja's HTML-escaping one): ", " and ": "
     # separators, key order kept, non-ASCII characters written as is.
     return json.dumps(x, ensure_ascii=False)
+
+
+def fmt_seconds(s: float) -> str:
+    """A duration for a log line: "4m05s", "2h07m"; "?" when not finite (an ETA with no rate yet)."""
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 # -----------------------------------------------------------------------------
@@ -657,10 +665,11 @@ def resolve_sources(spec, log=print) -> list[Path]:
 # Reading: JSONL lines and parquet rows -> [(where, messages, tools)], every one validated
 
 
-def _read_jsonl(path: Path, messages_key, tools_key):
-    """-> (conversations, how many carry enable_thinking). Blank lines are skipped; `where` is file:line."""
-    out, thinking = [], 0
-    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+def read_json_lines(path: Path):
+    """Yield (where, value) for each non-blank line of a JSON-lines file, where = "file:line"; a
+    line that is not UTF-8 or not JSON raises DataError naming it. Values are not checked (a line
+    may hold any JSON value): the caller says what it expects."""
+    for lineno, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
         where = f"{path}:{lineno}"
         try:
             line = raw.decode("utf-8")
@@ -669,9 +678,16 @@ def _read_jsonl(path: Path, messages_key, tools_key):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        yield where, value
+
+
+def _read_jsonl(path: Path, messages_key, tools_key):
+    """-> (conversations, how many carry enable_thinking). Blank lines are skipped; `where` is file:line."""
+    out, thinking = [], 0
+    for where, obj in read_json_lines(path):
         out.append((where, *validate_conversation(obj, where, messages_key, tools_key)))
         thinking += obj.get(THINKING_KEY) is not None
     if not out:

