@@ -49,7 +49,8 @@ from model import DTYPES, TINY, TINY_WORDS, ModelError, Qwen2, Qwen2Config, para
 
 
 # -----------------------------------------------------------------------------
-# Config: TrainConfig, presets, flags
+# Config: TrainConfig, presets, flags. The sections below follow a run: setup, data, model and
+# optimizer, the step, the loop, checkpoints and resume, main. The memory estimate is memory.py.
 
 
 class TrainError(Exception):
@@ -125,7 +126,7 @@ CHOICES = {"method": list(focusft.METHODS), "dtype": list(DTYPES), "loss_norm": 
            "clip_mode": ["per-tensor", "global"], "inner_grad": ["grad", "vjp"],
            "truncation": list(data.TRUNCATION_POLICIES), "backend": ["", "nccl", "gloo"]}
 FOCUS_FLAGS = [f for f in fields(focusft.FocusConfig) if f.name != "targets"]
-ESTIMATE_FLAGS = fields(memory.EstimateConfig)
+ESTIMATE_FLAGS = list(fields(memory.EstimateConfig))  # --estimate-memory's own (memory.py)
 HELP = {  # flags whose default alone does not say what they do
     "model": "hub id, local HF checkpoint directory, 'tiny' (a random 0.8M-parameter Qwen2, byte tokenizer) or "
              "'tiny-words' (a random 0.1M-parameter Qwen2, word-level tokenizer fitted on --data)",
@@ -146,7 +147,7 @@ def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset; flags override it")
     own = [f for f in fields(TrainConfig) if f.name not in ("estimate", "focus")]
-    for f in own + list(ESTIMATE_FLAGS) + FOCUS_FLAGS:
+    for f in own + ESTIMATE_FLAGS + FOCUS_FLAGS:
         flag = "--" + f.name.replace("_", "-")
         if f.type.startswith("bool"):
             default = f"default: {f.default}"
