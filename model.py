@@ -121,6 +121,30 @@ TINY = dict(vocab_size=272, hidden_size=128, intermediate_size=352, num_hidden_l
             rope_theta=10000.0, tie_word_embeddings=True, torch_dtype="float32",
             bos_token_id=None, eos_token_id=258)
 
+# The other random model (train.py --model tiny-words): a word-level tokenizer fitted on the training
+# data (data.word_tokenizer), and a model small and fast enough for the CPU demo to learn its
+# retrieval task in minutes: 2 layers (the fewest that can look a name up: one attention layer
+# moves each value onto the name next to it, the next matches the question's name), hidden 64,
+# 0.1M parameters. Its vocab_size and eos_token_id come from the tokenizer (train.random_config).
+# NOTE: initializer_range 0.1, not HF's 0.02: at width 64, 0.02 makes q.k ~100x
+# smaller than 1/sqrt(d)-scaled weights would, and attention learns nothing for hundreds of steps
+# (measured on the demo task: no lookup at all after 500 steps at 0.02; at 0.1 it starts by step 200).
+TINY_WORDS = dict(TINY, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, initializer_range=0.1)
+
+# The dtypes train.py builds and trains a model in, by the name its --dtype flag takes.
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def param_groups(model: nn.Module, weight_decay: float):
+    """AdamW's parameter groups: weight decay on matrices only; none on biases and RMSNorm weights
+    (HF Trainer's rule). train.build_optimizer uses them, and the memory estimate counts them."""
+    norm_params = {id(p) for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # tied weights appear once
+        (no_decay if name.endswith(".bias") or id(p) in norm_params else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
 
 def rope_inv_freq(cfg: Qwen2Config) -> tuple[torch.Tensor, float]:
     """RoPE inverse frequencies (fp32, (hd/2,)) and the factor that multiplies cos and sin.

@@ -60,6 +60,7 @@ from pathlib import Path
 
 import torch
 
+import data
 import focusft
 import train
 from examples import make_agentic
@@ -298,7 +299,7 @@ class Progress:
             if est is None:
                 return "?"
             left += est if run not in self.running else max(0.0, est - (now - self.running[run]))
-        return train.fmt_time(left / self.jobs)
+        return data.fmt_seconds(left / self.jobs)
 
     def start(self, run: Run):
         self.running[run] = time.time()
@@ -310,12 +311,12 @@ class Progress:
         self.done += 1
         if result is None:
             self.failed.append((run, error))
-            what = f"FAILED after {train.fmt_time(seconds)}: {error} (see its log.txt)"
+            what = f"FAILED after {data.fmt_seconds(seconds)}: {error} (see its log.txt)"
         else:
             self.seconds.setdefault((run.method, run.records), []).append(seconds)
             what = (f"accuracy {result['accuracy']:.1f}% | {result['s_per_step']:.2f} s/step | "
-                    f"run {train.fmt_time(seconds)}")
-        self.log(f"[{self.done}/{self.total}] {run.name}: {what} | elapsed {train.fmt_time(time.time() - self.t0)} "
+                    f"run {data.fmt_seconds(seconds)}")
+        self.log(f"[{self.done}/{self.total}] {run.name}: {what} | elapsed {data.fmt_seconds(time.time() - self.t0)} "
                  f"| ETA {self.eta()}")
 
 
@@ -475,7 +476,7 @@ def report(cfg: AblationConfig, runs: list[Run], ran: int, wall_s: float, log=pr
           "Mean ± sample standard deviation over seeds. Sink mass, tool share and context engagement: "
           "attention of the response tokens under the causal mask (inference), averaged over heads, "
           f"layers and {min(cfg.analyze_samples, cfg.n_heldout)} held-out conversations. Runs: {cfg.jobs} at a "
-          f"time, one torch thread each; the last invocation ran {ran} of them in {train.fmt_time(wall_s)}.", "",
+          f"time, one torch thread each; the last invocation ran {ran} of them in {data.fmt_seconds(wall_s)}.", "",
           "Accuracy against sft:", *against_baseline(rows), "", "## Every run", "",
           "| run | accuracy (%) | final loss | training (s) | s/step | sink (%) | tool (%) |", "|---|---|---|---|---|---|---|"]
     md += [f"| records-{r['records']}-{r['method']}-seed-{r['seed']} | {r['accuracy']:.1f} | {r['final_loss']:.4f} | "
@@ -540,7 +541,7 @@ def main(argv=None, log=print) -> list[dict]:
     progress = Progress(todo, cfg.jobs, len(runs) - len(todo), log)
     run_all(cfg, todo, progress)
     rows = report(cfg, runs, len(todo), time.time() - t0, log)
-    log(f"wall time {train.fmt_time(time.time() - t0)} for {len(todo)} runs")
+    log(f"wall time {data.fmt_seconds(time.time() - t0)} for {len(todo)} runs")
     if progress.failed:
         raise AblationError(f"{len(progress.failed)} run(s) failed: "
                             + ", ".join(r.name for r, _ in progress.failed)

@@ -1,8 +1,8 @@
-"""train.py --estimate-memory: the estimate against the measured peak of real CPU training steps.
+"""memory.py (train.py --estimate-memory): the estimate against the measured peak of real CPU training steps.
 
 Each case runs three optimizer steps of train.py's own code (train.wrap, train.build_optimizer,
 train.train_step, AdamW included) on a tiny random Qwen2 and measures the peak of live CPU bytes
-in the third (tests/memtrack.py); train.estimate_peak, given the same flags and the CPU kernels,
+in the third (tests/memtrack.py); memory.estimate_peak, given the same flags and the CPU kernels,
 must come within 10 %. The cases vary the shape (hidden, intermediate, layers, heads, sequence,
 batch, vocabulary, tied embeddings, supervised share, loss chunk), the method, activation
 checkpointing, --inner-grad, the dtype, and run with a one-rank gloo DDP group or without DDP.
@@ -24,8 +24,9 @@ import torch
 import conftest
 import focusft
 import train
+from memory import EstimateConfig, estimate_model_config, estimate_peak, memory_shape
 from memtrack import measure_step_peak, synthetic_batch
-from model import Qwen2Config
+from model import TINY, TINY_WORDS, Qwen2Config
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 0.10
@@ -79,8 +80,9 @@ def setup_case(shape: str, dtype: str, method: str, ckpt: bool, how: str):
                                tie_word_embeddings=s["tied"], max_position_embeddings=1024)
     focus = focusft.FocusConfig(method=method, inner_grad=how, loss_chunk=s["chunk"])
     cfg = train.TrainConfig(dtype=dtype, grad_checkpointing=ckpt, batch_size=s["B"], max_length=s["S"],
-                            grad_accum=1, focus=focus, device="cpu", nproc=1, supervised_fraction=s["frac"])
-    n_supervised = train.memory_shape(cfg, model_config).N
+                            grad_accum=1, focus=focus, device="cpu",
+                            estimate=EstimateConfig(nproc=1, supervised_fraction=s["frac"]))
+    n_supervised = memory_shape(cfg, model_config).N
     return model_config, cfg, synthetic_batch(s["B"], s["S"], n_supervised, s["V"])
 
 
@@ -93,8 +95,8 @@ def test_estimate_matches_measured_peak(case):
     if not ddp:  # the measurement itself: a profiler running from before the model agrees
         assert measured.from_start == pytest.approx(measured.held_plus_rise, rel=0.005)
     # nproc 1 means `python train.py` (no DDP); a one-rank torchrun run has DDP
-    m = replace(train.memory_shape(cfg, model_config), ddp=ddp)
-    estimate, phase = train.estimate_peak(m)
+    m = replace(memory_shape(cfg, model_config), ddp=ddp)
+    estimate, phase = estimate_peak(m)
     error = estimate / measured.held_plus_rise - 1
     assert abs(error) < TOLERANCE, (f"estimate {estimate / 2**20:.3f} MiB (peak in {phase}) vs measured "
                                     f"{measured.held_plus_rise / 2**20:.3f} MiB: {error:+.1%}")
@@ -117,7 +119,7 @@ def test_cli_config_only_directory(tmp_path, capsys):
                  "outer backward", "loss piece", "fused", "CUDA"):
         assert item in out, item
     # the last line is estimate_peak's, for these flags (as if CUDA, 4 processes)
-    peak, _ = train.estimate_peak(train.memory_shape(cfg, train.estimate_model_config(cfg)))
+    peak, _ = estimate_peak(memory_shape(cfg, estimate_model_config(cfg)))
     assert lines[-1] == f"peak per GPU: {peak / 2**30:.1f} GiB"
 
 
@@ -143,7 +145,7 @@ def test_hub_id_from_the_cache(tmp_path, monkeypatch):
     """A hub id whose config.json is in the Hugging Face cache needs no network."""
     conftest.make_hub_cache(tmp_path / "hub", "someone/small-qwen2", {"config.json": json.dumps(SMALL_CONFIG)})
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    config = train.estimate_model_config(train.parse_args(["--model", "someone/small-qwen2"]))
+    config = estimate_model_config(train.parse_args(["--model", "someone/small-qwen2"]))
     assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (64, 4, 1000)
 
 
@@ -153,11 +155,18 @@ def test_qwen7b_paper_run_estimate(tokens, budget_gib):
     room on an 80 GB GPU for what the estimate does not count (CUDA context, NCCL, the allocator)."""
     config_dir = conftest.shared_file("qwen2.5-configs/Qwen2.5-7B/config.json").parent
     cfg = train.parse_args(["--model", str(config_dir), "--max-length", str(tokens)])
-    peak, _ = train.estimate_peak(train.memory_shape(cfg, train.estimate_model_config(cfg)))
+    peak, _ = estimate_peak(memory_shape(cfg, estimate_model_config(cfg)))
     assert peak / 2**30 <= budget_gib
 
 
 def test_random_models_need_no_files():
-    """--model tiny / tiny-words name random models: their configs come from train.py itself."""
-    for name, layers in (("tiny", train.TINY["num_hidden_layers"]), ("tiny-words", train.TINY_WORDS["num_hidden_layers"])):
-        assert train.estimate_model_config(train.parse_args(["--model", name])).num_hidden_layers == layers
+    """--model tiny / tiny-words name random models: their configs come from model.py itself."""
+    for name, layers in (("tiny", TINY["num_hidden_layers"]), ("tiny-words", TINY_WORDS["num_hidden_layers"])):
+        assert estimate_model_config(train.parse_args(["--model", name])).num_hidden_layers == layers
+
+
+def test_memory_does_not_import_train():
+    """memory.py stands alone: train.py imports it, never the reverse."""
+    r = subprocess.run([sys.executable, "-c", "import sys, memory; print('train' in sys.modules)"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
