@@ -80,19 +80,8 @@ def summary(ours: list, hf: list) -> tuple[float, float, float, float]:
     return statistics.median(ours), statistics.median(hf), paired, min(ours) / min(hf)
 
 
-def main():
-    args = parse_args()
-    try:
-        import transformers
-    except ImportError:
-        print("error: this benchmark compares against transformers; pip install transformers", file=sys.stderr)
-        sys.exit(2)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(args.seed)
-
-    # --- the same random weights in both models
+def build_models(args, transformers, dtype):
+    """The same random weights in both models."""
     hf_cfg = transformers.Qwen2Config(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -105,10 +94,11 @@ def main():
         max_position_embeddings=hf_cfg.max_position_embeddings, rope_theta=1_000_000.0,
         tie_word_embeddings=False, torch_dtype=args.dtype)).to(dtype)
     ours.load_state_dict(hf.state_dict(), strict=True)
-    n_params = sum(p.numel() for p in ours.parameters())
+    return hf, ours
 
-    # --- 1. forward + backward
-    g = torch.Generator().manual_seed(args.seed)
+
+def bench_fwd_bwd(args, hf, ours, g) -> tuple[dict, float]:
+    """1. forward + backward: times per repeat, and max |logit diff| (same function before timing it)."""
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
     targets = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
     hf.train()
@@ -125,13 +115,16 @@ def main():
         ours.zero_grad(set_to_none=True)
         loss_of(ours(ids)).backward()
 
-    with torch.no_grad():  # sanity: same function before timing it
+    with torch.no_grad():
         diff = (hf(ids[:, :128]).logits - ours(ids[:, :128])).abs().max().item()
     train = interleaved({"hf": step_hf, "ours": step_ours}, args.repeats)
     hf.eval()
     ours.eval()
+    return train, diff
 
-    # --- 2. greedy generation, eos disabled on both sides
+
+def bench_generation(args, hf, ours, g) -> tuple[dict, bool]:
+    """2. greedy and sampled generation, eos disabled on both sides: times, and same greedy tokens?"""
     prompts = torch.randint(0, args.vocab, (args.gen_batch, args.gen_prompt), generator=g)
     out = {}
 
@@ -158,36 +151,39 @@ def main():
     gen = interleaved({"hf": gen_hf, "ours": gen_ours, "hf_sample": sample_hf, "ours_sample": sample_ours},
                       args.gen_repeats)
     assert all(len(r) == args.gen_new for r in out["hf"] + out["ours"]), "unequal token counts"
-    same_tokens = out["hf"] == out["ours"]
-    n_tok = args.gen_batch * args.gen_new
+    return gen, out["hf"] == out["ours"]
 
-    # --- 3. long prefill of a tiny model: how big does any attention block get?
-    long = None
-    if args.long_prompt:
-        tiny = M.Qwen2(M.Qwen2Config(**M.TINY)).eval()
-        prompt = torch.randint(0, tiny.config.vocab_size, (args.long_prompt,), generator=g).tolist()
-        seen = []
-        sdpa = M.F.scaled_dot_product_attention
 
-        def recording_sdpa(q, k, v, *a, **kw):
-            seen.append((q.shape[-2], k.shape[-2]))
-            return sdpa(q, k, v, *a, **kw)
+def bench_long_prefill(args, g) -> dict | None:
+    """3. long prefill of a tiny model: how big does any attention block get?"""
+    if not args.long_prompt:
+        return None
+    tiny = M.Qwen2(M.Qwen2Config(**M.TINY)).eval()
+    prompt = torch.randint(0, tiny.config.vocab_size, (args.long_prompt,), generator=g).tolist()
+    seen = []
+    sdpa = M.F.scaled_dot_product_attention
 
-        M.F.scaled_dot_product_attention = recording_sdpa
-        try:
-            secs = timed(lambda: G.generate(tiny, [prompt], 1, stop_ids=[], prefill_chunk=args.prefill_chunk))
-        finally:
-            M.F.scaled_dot_product_attention = sdpa
-        q, k = max(seen, key=lambda s: s[0] * s[1])
-        long = dict(secs=secs, q=q, k=k, calls=len(seen))
+    def recording_sdpa(q, k, v, *a, **kw):
+        seen.append((q.shape[-2], k.shape[-2]))
+        return sdpa(q, k, v, *a, **kw)
 
-    # --- report
+    M.F.scaled_dot_product_attention = recording_sdpa
+    try:
+        secs = timed(lambda: G.generate(tiny, [prompt], 1, stop_ids=[], prefill_chunk=args.prefill_chunk))
+    finally:
+        M.F.scaled_dot_product_attention = sdpa
+    q, k = max(seen, key=lambda s: s[0] * s[1])
+    return dict(secs=secs, q=q, k=k, calls=len(seen))
+
+
+def report(args, transformers, n_params, diff, train, gen, same_tokens, long):
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
           f"{args.dtype}")
     print(f"config: hidden {args.hidden}, intermediate {args.intermediate}, layers {args.layers}, heads "
           f"{args.heads}/{args.kv_heads} kv, vocab {args.vocab} ({n_params / 1e6:.1f}M params); "
           f"max |logit diff| ours vs HF {diff:.1e}")
     print()
+    n_tok = args.gen_batch * args.gen_new
     to, th, r_time, r_best = summary(train["ours"], train["hf"])
     go, gh, r_gen, r_gen_best = summary(gen["ours"], gen["hf"])
     print("| measurement | ours | transformers (sdpa) | ours / HF, paired median (best-of) |")
@@ -210,6 +206,26 @@ def main():
               f"score block {long['q']} x {long['k']} per head ({long['q'] * long['k'] / (T * T):.3f} of {T} x {T})")
     print()
     print("command: python " + " ".join([sys.argv[0]] + sys.argv[1:]))
+
+
+def main():
+    args = parse_args()
+    try:
+        import transformers
+    except ImportError:
+        print("error: this benchmark compares against transformers; pip install transformers", file=sys.stderr)
+        sys.exit(2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    hf, ours = build_models(args, transformers, getattr(torch, args.dtype))
+    n_params = sum(p.numel() for p in ours.parameters())
+    g = torch.Generator().manual_seed(args.seed)
+    train, diff = bench_fwd_bwd(args, hf, ours, g)
+    gen, same_tokens = bench_generation(args, hf, ours, g)
+    long = bench_long_prefill(args, g)
+    report(args, transformers, n_params, diff, train, gen, same_tokens, long)
+
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from bench.bench_method import synthetic_batch
 from model import Qwen2, Qwen2Config
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--hidden", type=int, default=448)
@@ -60,18 +60,12 @@ def main():
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    return p.parse_args()
+
+
+def build(args, device: torch.device) -> dict:
+    """The model inside train.wrap's DDP, with train.build_optimizer's optimizer and schedule."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    methods = args.methods.split(",")
-    ckpts = {"both": [False, True], "on": [True], "off": [False]}[args.ckpt]
-
-    # One rank of a real process group: DDP's reducer, hooks and all-reduce run as under torchrun.
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-
     torch.manual_seed(args.seed)
     mcfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -85,33 +79,30 @@ def main():
     ddp = train.wrap(model, cfg, rt)
     optimizer, scheduler = train.build_optimizer(model, cfg, rt, total_steps=10**6)  # the lr value does not change the cost
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    return dict(model=model, ddp=ddp, cfg=cfg, rt=rt, optimizer=optimizer, scheduler=scheduler, generator=generator)
 
-    n_micro = args.grad_accum
+
+def micro_batches(args, device: torch.device) -> list[dict]:
     batches = []
-    for k in range(n_micro):
+    for k in range(args.grad_accum):
         rows = [synthetic_batch(args.seq, args.vocab, args.supervised, args.turns, device, args.seed + k * 997 + b)[0]
                 for b in range(args.batch_size)]
         batches.append({name: torch.cat([r[name] for r in rows]) for name in rows[0]})  # (B, S) each
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    supervised = sum(int(b["loss_mask"].sum()) for b in batches)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, {args.heads} heads / "
-          f"{args.kv_heads} KV, vocab {args.vocab}: {n_params / 1e6:.1f}M params, {args.dtype} on {device} "
-          f"({torch.get_num_threads()} threads), DDP {backend} world size 1")
-    print(f"optimizer step: {n_micro} micro-batch(es) of {args.batch_size} x {args.seq} tokens = {tokens} tokens, "
-          f"{supervised} supervised; loss-norm {args.loss_norm}; AdamW lr {cfg.lr} wd {cfg.weight_decay}, "
-          f"clip {cfg.max_grad_norm}")
+    return batches
 
-    variants = [(m, c) for c in ckpts for m in methods]
-    fcfgs = {m: focusft.FocusConfig(method=m) for m in methods}
+
+def time_variants(args, b: dict, batches: list[dict], variants: list[tuple[str, bool]], device) -> dict:
+    """Seconds per optimizer step of each (method, checkpointing) variant, interleaved rounds."""
+    fcfgs = {m: focusft.FocusConfig(method=m) for m, _ in variants}
 
     def run(v):
-        ddp.module.fcfg = fcfgs[v[0]]
-        model.gradient_checkpointing = v[1]
+        b["ddp"].module.fcfg = fcfgs[v[0]]
+        b["model"].gradient_checkpointing = v[1]
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train.train_step(ddp, model, optimizer, scheduler, batches, generator, cfg, rt)  # what train.py runs
+        train.train_step(b["ddp"], b["model"], b["optimizer"], b["scheduler"], batches, b["generator"], b["cfg"],
+                         b["rt"])  # what train.py runs
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
@@ -125,8 +116,10 @@ def main():
             times[v].append(run(v))
         print(f"round {r + 1}/{args.repeat}: " + ", ".join(f"{m}{'+ckpt' if c else ''} {times[(m, c)][-1]:.2f}s"
                                                           for m, c in variants), flush=True)
-    dist.destroy_process_group()
+    return times
 
+
+def report(args, times: dict, variants: list[tuple[str, bool]], tokens: int):
     # The median is the headline; the minimum is shown too: on shared cores a slow outlier only
     # ever adds time, so the fastest round is the closest to the step's own cost.
     med = {v: statistics.median(t) for v, t in times.items()}
@@ -148,6 +141,35 @@ def main():
             print(f"FocuSFT / SFT step time, activation checkpointing {'on' if c else 'off'}: "
                   f"{med[('focusft', c)] / med[('sft', c)]:.2f}x (medians; "
                   f"{low[('focusft', c)] / low[('sft', c)]:.2f}x from the minima; the paper reports 1.71x on GPUs)")
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    methods = args.methods.split(",")
+    ckpts = {"both": [False, True], "on": [True], "off": [False]}[args.ckpt]
+
+    # One rank of a real process group: DDP's reducer, hooks and all-reduce run as under torchrun.
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    b = build(args, device)
+    batches = micro_batches(args, device)
+    tokens = sum(int(x["attention_mask"].sum()) for x in batches)
+    supervised = sum(int(x["loss_mask"].sum()) for x in batches)
+    n_params = sum(p.numel() for p in b["model"].parameters())
+    cfg = b["cfg"]
+    print(f"model: {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, {args.heads} heads / "
+          f"{args.kv_heads} KV, vocab {args.vocab}: {n_params / 1e6:.1f}M params, {args.dtype} on {device} "
+          f"({torch.get_num_threads()} threads), DDP {backend} world size 1")
+    print(f"optimizer step: {args.grad_accum} micro-batch(es) of {args.batch_size} x {args.seq} tokens = {tokens} tokens, "
+          f"{supervised} supervised; loss-norm {args.loss_norm}; AdamW lr {cfg.lr} wd {cfg.weight_decay}, "
+          f"clip {cfg.max_grad_norm}")
+    variants = [(m, c) for c in ckpts for m in methods]
+    times = time_variants(args, b, batches, variants, device)
+    dist.destroy_process_group()
+    report(args, times, variants, tokens)
 
 
 if __name__ == "__main__":
