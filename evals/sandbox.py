@@ -16,9 +16,9 @@ Per escape, the mechanism that stops it:
 - the evaluator's environment:      a minimal env; /proc shows only the jail's own processes
 - network, host Unix sockets:        a new network namespace; no host path holds a socket
 - signalling other processes:        a new pid namespace (the evaluator has no pid in it)
-- outliving the call (setsid, fork): the pid namespace dies with its pid 1, which bwrap kills when
-                                     its parent (the launcher) dies; on timeout we kill the launcher
-                                     (and every process of the call's cgroup)
+- outliving the call (setsid, fork): the pid namespace dies with its pid 1, which bwrap
+                                     (--die-with-parent) kills when bwrap or the evaluator dies; on
+                                     timeout we kill bwrap (and every process of the call's cgroup)
 - memory, processes, CPU of the whole tree: one cgroup per call (v1 or v2) when we may create one;
   else a watchdog that polls the tree (its summed PSS, its process count) and RLIMIT_NPROC, which
   the kernel counts per user namespace (but never applies to a jail run by root: see SANDBOX_BOOT).
@@ -43,7 +43,7 @@ from pathlib import Path
 TOOL_OUTPUT_BYTES = 16 * 2**20  # RLIMIT_FSIZE: a print loop cannot fill the disk
 TOOL_PROCESSES = 64  # processes and threads of one call (pids.max / RLIMIT_NPROC)
 CALLS = itertools.count()  # cgroup names unique within the evaluator (tool calls run in threads)
-SANDBOX_UID = 65534  # "nobody" inside the jail: owns nothing that is mounted
+SANDBOX_UID = 65534  # the jail's uid as the code sees it ("nobody"); outside, the evaluator's uid
 WATCHDOG_PERIOD = 0.02  # seconds between two sums of the tree's memory when no memory cgroup is available
 SYSTEM_PATHS = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
                 "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives", "/etc/localtime"]
@@ -153,9 +153,9 @@ def sandbox_limits() -> str:
     layout = cgroup_layout()
     if layout:
         return f"memory, processes and CPU of each call bounded by a cgroup ({layout[0]})"
+    nproc = " (not for root: by the watchdog only)" if os.geteuid() == 0 else ""
     return ("no cgroup can be created here: each call's memory bounded by a watchdog summing the tree's PSS "
-            f"(every {WATCHDOG_PERIOD * 1000:.0f} ms) and its processes by RLIMIT_NPROC in its user namespace"
-        + (" (not for root: by the watchdog only)" if os.geteuid() == 0 else ""))
+            f"(every {WATCHDOG_PERIOD * 1000:.0f} ms), its processes by RLIMIT_NPROC in its user namespace{nproc}")
 
 
 # ---------------------------------------------------------------------------------------------
