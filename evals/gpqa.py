@@ -245,12 +245,6 @@ def run_tool_call(call: dict, cfg: GPQAConfig) -> str:
                           cfg.tool_response_chars)
 
 
-def sandbox_network() -> str:
-    """"none" when the tool's code runs without network (evals/sandbox.py cuts it where the kernel
-    allows), else "host"; recorded in the summary and noted in the log."""
-    return "none" if sandbox.network_isolation() else "host"
-
-
 def tool_turn(output: str, default_system: str) -> str:
     """What verl appends after a turn that called the tool: the template's rendering of the tool
     message with the generation prompt, minus the system turn the template puts first."""
@@ -427,8 +421,7 @@ def eval_gpqa(engine: Engine, out_dir, data_dir, cfg: GPQAConfig, problems: int 
     if not engine.chat:
         raise EvalError("gpqa runs in the chat template (its tools block and tool turns): drop --no-chat")
     todo = read_gpqa(gpqa_file(Path(data_dir), fetch))[:problems]
-    if sandbox_network() == "host":
-        log("note: `unshare -rn` is not available here: the tool's code runs with this machine's network")
+    log(f"gpqa: the code tool runs in a bubblewrap jail; {sandbox.sandbox_limits()}")
     m = gpqa_metrics(run_gpqa(engine, out_dir, todo, cfg, log))
     log(f"gpqa: pass@1 (majority of {m['rollouts']}) {m['score']:.2f} | mean {m['mean']:.2f} | "
         f"pass@{m['rollouts']} {m['pass@k'][str(m['rollouts'])]:.2f} | {m['mean_turns']} turns, "
@@ -496,4 +489,4 @@ def evaluate(engine: Engine, out: Path, args, log=print) -> dict:
 
 
 def meta(args) -> dict:
-    return {**dataclasses.asdict(gpqa_config(args)), "sandbox_network": sandbox_network()}
+    return {**dataclasses.asdict(gpqa_config(args)), "tool_sandbox": sandbox.sandbox_name()}

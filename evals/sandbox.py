@@ -158,6 +158,15 @@ def sandbox_limits() -> str:
             f"(every {WATCHDOG_PERIOD * 1000:.0f} ms), its processes by RLIMIT_NPROC in its user namespace{nproc}")
 
 
+def sandbox_name() -> str:
+    """The short name recorded with the results, e.g. "bubblewrap + cgroup v1 (memory, pids, cpu)"."""
+    layout = cgroup_layout()
+    if layout is None:
+        return "bubblewrap + watchdog (no cgroup)"
+    controllers = ", ".join(layout[1]) if layout[0] == "v1" else "memory, pids, cpu"
+    return f"bubblewrap + cgroup {layout[0]} ({controllers})"
+
+
 # ---------------------------------------------------------------------------------------------
 # The jail
 

@@ -11,7 +11,6 @@ import os
 import re
 import runpy
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -660,39 +659,13 @@ def test_prepare_code_keeps_the_official_quirks():
     assert gpqa.prepare_code("x = 1") == "print(x = 1)"  # what the official sandbox runs (a TypeError)
 
 
-def test_run_python_output_errors_and_limits(tmp_path):
+def test_run_python_output_contract():
+    """What the tool message is made of (tests/test_sandbox.py attempts the escapes)."""
     assert sandbox.run_python("import sys\nprint('out')\nprint('err', file=sys.stderr)", 10, 512) == "out\nerr\n"
     trace = sandbox.run_python("1 / 0", 10, 512)
     assert trace.startswith("Traceback") and "ZeroDivisionError" in trace and "main.py" in trace
     assert "MemoryError" in sandbox.run_python("x = bytearray(300 * 2**20)", 10, 256)  # 256 MB address space
-    assert sandbox.run_python("import os\nprint(sorted(os.listdir('.')), 'HF_TOKEN' in os.environ)", 10, 512) == \
-        "['err', 'main.py', 'out'] False\n"  # an empty directory of its own, no tokens of ours
-
-
-def test_run_python_timeout_kills_the_process_group(tmp_path):
-    marker = tmp_path / "child-alive"
-    child = f"import time; time.sleep(2); open({str(marker)!r}, 'w')"
-    code = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {child!r}])\ntime.sleep(30)"
-    t0 = time.time()
-    assert sandbox.run_python(code, 1.0, 512) == "no stdout here"  # the official sandbox's text for a timeout
-    assert time.time() - t0 < 5
-    time.sleep(2.5)
-    assert not marker.exists()  # the child it started died with it
-
-
-def test_run_python_has_no_network():
-    if not sandbox.network_isolation():
-        pytest.skip("unshare -rn is not available here: tool code would run with the host's network")
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    port = server.getsockname()[1]
-    try:
-        code = f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n" \
-               "    print('connected')\nexcept OSError as e:\n    print('no network', type(e).__name__)"
-        assert sandbox.run_python(code, 10, 512).startswith("no network")
-    finally:
-        server.close()
+    assert sandbox.run_python("import time\ntime.sleep(5)", 0.5, 512) == "no stdout here"  # the official text
 
 
 class ScriptedEngine(common.Engine):
