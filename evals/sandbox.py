@@ -56,12 +56,14 @@ SYSTEM_PATHS = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
 # RLIMIT_NPROC to uid 0: when the evaluator is root, only the pids cgroup (or the watchdog) bounds
 # the process count. (Dropping to nobody before bwrap would fix that, but nobody cannot bind an
 # interpreter that lives in /root, mode 0700.)
+# Without the jail (jail=False) RLIMIT_NPROC is passed as "-", not set: outside a user namespace it
+# would count every process of the evaluator's uid.
 SANDBOX_BOOT = """import os, resource, sys
-limits = ((resource.RLIMIT_AS, int(sys.argv[1])), (resource.RLIMIT_FSIZE, int(sys.argv[2])),
-          (resource.RLIMIT_NPROC, int(sys.argv[3])), (resource.RLIMIT_CPU, int(sys.argv[4])),
-          (resource.RLIMIT_CORE, 0))
+limits = ((resource.RLIMIT_AS, sys.argv[1]), (resource.RLIMIT_FSIZE, sys.argv[2]),
+          (resource.RLIMIT_NPROC, sys.argv[3]), (resource.RLIMIT_CPU, sys.argv[4]), (resource.RLIMIT_CORE, "0"))
 for kind, limit in limits:
-    resource.setrlimit(kind, (limit, limit))
+    if limit != "-":
+        resource.setrlimit(kind, (int(limit), int(limit)))
 os.environ.pop("PWD", None)  # set by bwrap's --chdir; the tool's environment had none
 os.execv(sys.executable, [sys.executable, "-I", sys.argv[5]])
 """
@@ -79,14 +81,21 @@ os.execv(sys.argv[2 + n], sys.argv[2 + n:])
 """
 
 
-def run_python(code: str, timeout: float, memory_mb: int) -> str:
+def run_python(code: str, timeout: float, memory_mb: int, *, python: str | None = None, jail: bool = True) -> str:
     """Run `code` in a fresh jail (see the module docstring) whose working directory is an empty
     private temporary directory, and return stdout + stderr, as the official sandbox reports a
     finished run ("no stdout here" when it ran out of time). Limits: wall clock (every process of
     the call is killed), memory_mb for the whole process tree and per process (RLIMIT_AS),
     TOOL_PROCESSES processes, CPU time, output size; no network; a minimal environment.
-    Raises RuntimeError when the sandbox is unavailable (call `sandbox_check` first)."""
-    why = sandbox_check()
+    `python`: the interpreter that runs the code (default: this one, sys.executable); its prefixes
+    and sys.path directories are mounted read-only. Raises RuntimeError when the sandbox is
+    unavailable (call `sandbox_check` first).
+    NOTE: jail=False (the GPQA command's --unsafe-tool-sandbox) runs the code WITHOUT the jail: a
+    plain process in a temporary directory with the same environment, the rlimits (not
+    RLIMIT_NPROC) and the call's cgroup if one can be created; it can read and write whatever the
+    evaluator's user can, use the network and signal the user's processes."""
+    python = python or sys.executable
+    why = sandbox_check() if jail else None
     if why:
         raise RuntimeError(why)
     # The host side of the call: main.py to copy in, out and err to read back. The jail never sees
@@ -97,24 +106,29 @@ def run_python(code: str, timeout: float, memory_mb: int) -> str:
         main.write_text(code, encoding="utf-8")
         env = {"PATH": os.environ.get("PATH", ""), "HOME": tmp, "TMPDIR": tmp, "PYTHONIOENCODING": "utf-8",
                "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        timed_out = not run_jailed(tmp, env, timeout, memory_mb)
+        timed_out = not run_call(tmp, env, timeout, memory_mb, python, jail)
         if timed_out:
             return "no stdout here"  # SandboxFusion's run_status is not "Finished": Open-AgentRL's text
         read = lambda name: (Path(tmp) / name).read_bytes().decode("utf-8", errors="replace")  # noqa: E731
         return read("out") + read("err")
 
 
-def run_jailed(tmp: str, env: dict, timeout: float, memory_mb: int) -> bool:
-    """Run tmp/main.py in a jail, stdout and stderr to tmp/out and tmp/err; False on timeout."""
+def run_call(tmp: str, env: dict, timeout: float, memory_mb: int, python: str, jail: bool) -> bool:
+    """Run tmp/main.py in a jail (or, jail=False, without), stdout and stderr to tmp/out and
+    tmp/err; False on timeout."""
     groups = cgroup_create(memory_mb)
     with contextlib.ExitStack() as stack:
         stack.callback(cgroup_remove, groups)  # last: once every process is gone
         src = stack.enter_context(open(Path(tmp) / "main.py", "rb"))
         out = stack.enter_context(open(Path(tmp) / "out", "wb"))
         err = stack.enter_context(open(Path(tmp) / "err", "wb"))
-        cmd = launch_command(groups or [], bwrap_command(tmp, src.fileno(), timeout, memory_mb))
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                pass_fds=(src.fileno(),), start_new_session=True)
+        if jail:
+            inner = bwrap_command(tmp, src.fileno(), timeout, memory_mb, python)
+        else:
+            inner = [python, "-I", "-c", SANDBOX_BOOT, *map(str, process_limits(timeout, memory_mb, nproc="-")),
+                     f"{tmp}/main.py"]
+        proc = subprocess.Popen(launch_command(groups or [], inner), cwd=tmp, env=env, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err, pass_fds=(src.fileno(),), start_new_session=True)
         try:
             return wait_within_limits(proc, timeout, None if groups else memory_mb * 2**20)
         finally:
@@ -179,20 +193,25 @@ def bwrap_features() -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def interpreter_paths() -> tuple[str, ...]:
-    """The directories the interpreter needs: its prefixes (a venv has two) and the sys.path it
-    computes with -I (site-packages, .pth additions), minus what SYSTEM_PATHS already covers.
-    NOTE: pyenv/conda/venv interpreters live in $HOME: we bind these directories only, never $HOME."""
-    out = subprocess.run([sys.executable, "-I", "-c", "import json, sys; print(json.dumps(sys.path))"],
-                         capture_output=True, text=True, check=True).stdout
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *json.loads(out)}
+def interpreter_paths(python: str) -> tuple[str, ...]:
+    """The directories the interpreter `python` needs: its prefixes (a venv has two) and the
+    sys.path it computes with -I (site-packages, .pth additions), minus what SYSTEM_PATHS already
+    covers. NOTE: pyenv/conda/venv interpreters live in $HOME: we bind these directories only, never
+    $HOME. An interpreter that does not start gives (): the jail then reports why it cannot run it."""
+    ask = ("import json, sys\n"
+           "print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sys.path]))")
+    try:
+        r = subprocess.run([python, "-I", "-c", ask], capture_output=True, text=True, timeout=60)
+        paths = set(json.loads(r.stdout)) if r.returncode == 0 else set()
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return ()
     paths = {q for p in paths if p and os.path.isdir(p) for q in (os.path.abspath(p), os.path.realpath(p))}
     covered = lambda p, roots: any(p == r or p.startswith(r.rstrip("/") + "/") for r in roots)  # noqa: E731
     keep = sorted(p for p in paths if not covered(p, SYSTEM_PATHS[:7]))
     return tuple(p for p in keep if not covered(p, [q for q in keep if q != p]))
 
 
-def bwrap_command(workdir: str, code_fd: int, timeout: float, memory_mb: int) -> list[str]:
+def bwrap_command(workdir: str, code_fd: int, timeout: float, memory_mb: int, python: str) -> list[str]:
     """The bwrap command line for one call: the mounts, the namespaces, then SANDBOX_BOOT."""
     sized = lambda: ["--size", str(memory_mb * 2**20)] if "--size" in bwrap_features() else []  # noqa: E731
     cmd = [shutil.which("bwrap"), "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID),
@@ -204,13 +223,18 @@ def bwrap_command(workdir: str, code_fd: int, timeout: float, memory_mb: int) ->
             cmd += ["--symlink", os.readlink(path), path]
         elif os.path.exists(path):
             cmd += ["--ro-bind", path, path]
-    for path in interpreter_paths():
+    for path in interpreter_paths(python):
         cmd += ["--ro-bind", path, path]
     cmd += ["--proc", "/proc", "--dev", "/dev", *sized(), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
             *sized(), "--tmpfs", workdir, "--file", str(code_fd), f"{workdir}/main.py",
             "--chdir", workdir, "--remount-ro", "/"]
-    limits = [memory_mb * 2**20, TOOL_OUTPUT_BYTES, TOOL_PROCESSES, math.ceil(timeout) + 1]
-    return [*cmd, sys.executable, "-I", "-c", SANDBOX_BOOT, *map(str, limits), f"{workdir}/main.py"]
+    limits = process_limits(timeout, memory_mb, nproc=TOOL_PROCESSES)
+    return [*cmd, python, "-I", "-c", SANDBOX_BOOT, *map(str, limits), f"{workdir}/main.py"]
+
+
+def process_limits(timeout: float, memory_mb: int, nproc) -> list:
+    """SANDBOX_BOOT's arguments: RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC ("-": unset), RLIMIT_CPU."""
+    return [memory_mb * 2**20, TOOL_OUTPUT_BYTES, nproc, math.ceil(timeout) + 1]
 
 
 def wait_within_limits(proc: subprocess.Popen, timeout: float, memory_limit: int | None) -> bool:
