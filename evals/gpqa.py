@@ -417,17 +417,21 @@ def verl_bootstrap(correct: list[bool], votes: list[str], k: int, draws: int = 1
 
 
 def gpqa_metrics(by_problem: dict[int, list[dict]]) -> dict:
-    """Per rollout count n: pass@1 by majority vote (the paper's pass@1), the mean accuracy (the
-    unbiased pass@1), unbiased pass@k for k = 1, 2, 4, ..., n, and verl's bootstrap maj@n / best@n
-    (the numbers Open-AgentRL logs), all in % over problems; plus mean turns, calls and tokens."""
+    """Per rollout count n, in % over problems: pass@1 ("score") = the mean accuracy of a rollout
+    (= unbiased pass@k at k = 1; verl's mean@n), maj@n = the majority vote's accuracy, unbiased
+    pass@k for k = 1, 2, 4, ..., n (pass@n: at least one rollout right), and verl's bootstrap
+    maj@n / best@n (what Open-AgentRL logs); plus mean turns, calls and tokens.
+    Why pass@1 is the mean although the paper's text says "majority vote": a per-problem vote over
+    GPQA Diamond's 198 problems is a multiple of 1/198, and the paper's pass@1 figures are not
+    (19.4% and 15.6% are 38.4 and 30.9 problems) while its pass@32 figures are (160 and 156 of 198)."""
     recs = [r for rs in by_problem.values() for r in rs]
     n = len(next(iter(by_problem.values())))
     ks = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
     acc = lambda f: round(100 * float(np.mean([f(rs) for rs in by_problem.values()])), 2)  # noqa: E731
     boot = [verl_bootstrap([r["correct"] for r in rs], [r["vote"] for r in rs], n) for rs in by_problem.values()]
     return {
-        "score": acc(lambda rs: rs[majority([r["vote"] for r in rs])]["correct"]), "n": len(by_problem),
-        "rollouts": n, "mean": acc(lambda rs: np.mean([r["correct"] for r in rs])),
+        "score": acc(lambda rs: np.mean([r["correct"] for r in rs])), "n": len(by_problem), "rollouts": n,
+        "maj@n": acc(lambda rs: rs[majority([r["vote"] for r in rs])]["correct"]),
         "pass@k": {str(k): acc(lambda rs, k=k: pass_at_k(n, sum(r["correct"] for r in rs), k)) for k in ks},
         "verl_maj": round(100 * float(np.mean([m for _, m in boot])), 2),
         "verl_best": round(100 * float(np.mean([b for b, _ in boot])), 2),
@@ -447,20 +451,23 @@ def eval_gpqa(engine: Engine, out_dir, data_dir, cfg: GPQAConfig, problems: int 
     else:
         log(f"gpqa: the code tool runs in a bubblewrap jail; {sandbox.sandbox_limits()}")
     m = gpqa_metrics(run_gpqa(engine, out_dir, todo, cfg, log))
-    log(f"gpqa: pass@1 (majority of {m['rollouts']}) {m['score']:.2f} | mean {m['mean']:.2f} | "
-        f"pass@{m['rollouts']} {m['pass@k'][str(m['rollouts'])]:.2f} | {m['mean_turns']} turns, "
-        f"{m['mean_generated_tokens']:.0f} generated tokens per rollout")
+    n = m["rollouts"]
+    log(f"gpqa: pass@1 {m['score']:.2f} | pass@{n} {m['pass@k'][str(n)]:.2f} | maj@{n} {m['maj@n']:.2f} | "
+        f"{m['mean_turns']} turns, {m['mean_generated_tokens']:.0f} generated tokens per rollout")
     return {"diamond": {str(m["rollouts"]): m}}
 
 
 def table(name: str, entry: dict) -> list[str]:
-    """Table 2, right half: one row per rollout count."""
-    out = ["## GPQA Diamond with a Python tool (%)\n",
-           row(["Model", "Rollouts", "pass@1 (majority)", "pass@n", "mean accuracy", "verl maj@n", "verl best@n",
-                 "turns", "generated tokens"]), "|---" * 9 + "|"]
+    """Table 2, right half (its columns pass@1 and pass@32, for n = 32): a header and a row per
+    rollout count n. pass@1 is the mean accuracy of a rollout, maj@n the majority vote's."""
+    out = ["## GPQA Diamond with a Python tool (%)\n"]
     for n, m in sorted(entry["scores"].get("diamond", {}).items(), key=lambda kv: int(kv[0])):
-        out.append(row([name, n, cell(m["score"]), cell(m["pass@k"][n]), cell(m["mean"]), cell(m["verl_maj"]),
-                         cell(m["verl_best"]), f"{m['mean_turns']:.1f}", f"{m['mean_generated_tokens']:.0f}"]))
+        # summary.json files written before pass@1 was the mean hold the vote as "score", the mean as "mean"
+        pass1, maj = (m["score"], m["maj@n"]) if "maj@n" in m else (m["mean"], m["score"])
+        out += [row(["Model", "Rollouts", "pass@1", f"pass@{n}", f"maj@{n}", f"verl maj@{n}", f"verl best@{n}",
+                     "turns", "generated tokens"]), "|---" * 9 + "|",
+                row([name, n, cell(pass1), cell(m["pass@k"][n]), cell(maj), cell(m["verl_maj"]), cell(m["verl_best"]),
+                     f"{m['mean_turns']:.1f}", f"{m['mean_generated_tokens']:.0f}"])]
     where = entry["meta"].get("tool_sandbox", "not recorded")
     unsafe = "**UNSAFE:** " if entry["meta"].get("unsafe_tool_sandbox") else ""
     out.append(f"\n{unsafe}The code tool ran in: {where}.")

@@ -7,6 +7,7 @@ pass@k), its sandbox, resume, and end-to-end runs of the CLI on a tiny random ch
 """
 
 import json
+import math
 import os
 import re
 import runpy
@@ -872,9 +873,31 @@ def test_pass_at_k_and_majority_hand_computed():
         2: [rec(False, ""), rec(False, ""), rec(False, "choice 2"), rec(False, "choice 2")],  # 0/4
     }
     m = gpqa.gpqa_metrics(by_problem)
-    assert m["score"] == round(100 * 1 / 3, 2) and m["mean"] == 25.0 and m["rollouts"] == 4 and m["n"] == 3
+    # pass@1 = mean accuracy per rollout (2/4, 1/4, 0/4); maj@4 = the vote is right on problem 0 only
+    assert m["score"] == 25.0 and m["maj@n"] == round(100 * 1 / 3, 2) and m["rollouts"] == 4 and m["n"] == 3
     # pass@1 = mean; pass@2 = (1 - C(2,2)/C(4,2) + 1 - C(3,2)/C(4,2) + 0) / 3; pass@4 = 2/3
     assert m["pass@k"] == {"1": 25.0, "2": round(100 * ((1 - 1 / 6) + (1 - 3 / 6)) / 3, 2), "4": 66.67}
+
+
+def test_gpqa_scores_of_a_scripted_run(tmp_path):
+    """Always answering "A": right when the correct choice is shown first, which the seeded order
+    makes vary between rollouts. Each figure recomputed here from the results lines."""
+    engine, by_problem = run_scripted(tmp_path, lambda c, t: "\\boxed{A}", rollouts=8)
+    m = gpqa.gpqa_metrics(by_problem)
+    correct = [[r["correct"] for r in rs] for rs in by_problem.values()]
+    assert 0 < sum(map(sum, correct)) < 16  # some rollouts right, some wrong
+
+    def vote(rs):  # verl's calc_maj_val: the most frequent vote, ties to the one seen first
+        counts = Counter(r["vote"] for r in rs)
+        return next(r for r in rs if counts[r["vote"]] == max(counts.values()))["correct"]
+    assert m["score"] == round(100 * float(np.mean([np.mean(c) for c in correct])), 2)  # pass@1: the mean
+    assert m["score"] == m["pass@k"]["1"]
+    assert m["maj@n"] == round(100 * float(np.mean([vote(rs) for rs in by_problem.values()])), 2)  # the old "score"
+    assert m["pass@k"] == {str(k): round(100 * float(np.mean([1 - math.comb(8 - sum(c), k) / math.comb(8, k)
+                                                              for c in correct])), 2) for k in (1, 2, 4, 8)}
+    assert m["pass@k"]["8"] == round(100 * float(np.mean([any(c) for c in correct])), 2)  # the oracle over 8
+    boot = [gpqa.verl_bootstrap([r["correct"] for r in rs], [r["vote"] for r in rs], 8) for rs in by_problem.values()]
+    assert (m["verl_best"], m["verl_maj"]) == tuple(round(100 * float(np.mean(x)), 2) for x in zip(*boot))
 
 
 def test_verl_bootstrap_matches_verl_formula():
@@ -929,7 +952,8 @@ def test_gpqa_end_to_end_tiny_model(tiny_ckpt, tmp_path, capsys):
     m = s["scores"]["diamond"]["2"]
     assert m["n"] == 2 and set(m["pass@k"]) == {"1", "2"} and s["meta"]["top_p"] == 0.6 and s["meta"]["chat"] is True
     assert s["meta"]["tool_sandbox"] == sandbox.sandbox_name() and s["meta"]["unsafe_tool_sandbox"] is False
-    assert "| Model | Rollouts | pass@1 (majority) |" in (tmp_path / "a" / "summary.md").read_text()
+    assert "| Model | Rollouts | pass@1 | pass@2 | maj@2 | verl maj@2 | verl best@2 |" in \
+        (tmp_path / "a" / "summary.md").read_text()
     code, out, _ = cli(capsys, *args, "--out", tmp_path / "a")  # resume: nothing left to do
     assert code == 0 and "all 4 rollouts already done" in out
     # seeded: a second run elsewhere samples the same tokens
