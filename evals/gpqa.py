@@ -553,4 +553,5 @@ def evaluate(engine: Engine, out: Path, args, log=print) -> dict:
 
 def meta(args) -> dict:
     cfg = gpqa_config(args)
-    return {**dataclasses.asdict(cfg), "tool_python": cfg.tool_python or sys.executable, "tool_sandbox": tool_sandbox(cfg)}
+    return {**dataclasses.asdict(cfg), "tool_python": cfg.tool_python or sys.executable,
+            "tool_sandbox": tool_sandbox(cfg)}
