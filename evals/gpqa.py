@@ -6,8 +6,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import re
+import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +87,11 @@ class GPQAConfig:
     tool_memory_mb: int = 2048  # memory_limit_mb
     tool_response_chars: int = 256  # max_tool_response_length, truncated in the middle
     seed: int = 42  # choice order and sampling streams
+    tool_python: str | None = None  # the interpreter the code runs with (None: the evaluator's own)
+    unsafe_tool_sandbox: bool = False  # run the code WITHOUT the jail (sandbox.run_python's jail=False)
+
+
+RUN_ONLY = ("rollouts", "tool_python", "unsafe_tool_sandbox")  # settings that do not change what a rollout asks
 
 
 def gpqa_file(data_dir: Path, fetch: bool) -> Path:
@@ -241,14 +248,21 @@ def run_tool_call(call: dict, cfg: GPQAConfig) -> str:
     args = call["arguments"]
     if not isinstance(args, dict) or not isinstance(args.get("code"), str):
         return 'Error when executing tool: the arguments must be an object with a "code" string'
-    return truncate_chars(sandbox.run_python(prepare_code(args["code"]), cfg.tool_timeout, cfg.tool_memory_mb),
-                          cfg.tool_response_chars)
+    # verl's SandboxFusionTool: timeout = parameters.get("timeout", default_timeout); the schema does
+    # not offer it, but a model may pass it. DEVIATION: capped at --tool-timeout (verl has no cap).
+    timeout = args.get("timeout", cfg.tool_timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        return 'Error when executing tool: "timeout" must be a positive number of seconds'
+    out = sandbox.run_python(prepare_code(args["code"]), min(timeout, cfg.tool_timeout), cfg.tool_memory_mb,
+                             python=cfg.tool_python, jail=not cfg.unsafe_tool_sandbox)
+    return truncate_chars(out, cfg.tool_response_chars)
 
 
-def sandbox_network() -> str:
-    """"none" when the tool's code runs without network (evals/sandbox.py cuts it where the kernel
-    allows), else "host"; recorded in the summary and noted in the log."""
-    return "none" if sandbox.network_isolation() else "host"
+def tool_sandbox(cfg: GPQAConfig) -> str:
+    """What the code runs in, as summary.json and summary.md record it."""
+    if cfg.unsafe_tool_sandbox:
+        return "none (--unsafe-tool-sandbox): no jail; rlimits, and a cgroup per call where one can be made"
+    return sandbox.sandbox_name()
 
 
 def tool_turn(output: str, default_system: str) -> str:
@@ -351,7 +365,7 @@ def run_gpqa(engine: Engine, out_dir: Path, problems: list[dict], cfg: GPQAConfi
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_results(path, key=lambda rec: (int(rec["problem"]), int(rec["rollout"])))
     # a rollout's identity: its user turn and every setting but the number of rollouts (more may be added)
-    settings = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "rollouts"}, sort_keys=True)
+    settings = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}, sort_keys=True)
     keys = [(p, r) for p in range(len(problems)) for r in range(cfg.rollouts)]
     check_same_prompts(path, done, {(p, r): prompt_sha(gpqa_rollout(problems[p], r, cfg.seed)["user"] + settings)
                                     for p, r in keys})
@@ -403,17 +417,21 @@ def verl_bootstrap(correct: list[bool], votes: list[str], k: int, draws: int = 1
 
 
 def gpqa_metrics(by_problem: dict[int, list[dict]]) -> dict:
-    """Per rollout count n: pass@1 by majority vote (the paper's pass@1), the mean accuracy (the
-    unbiased pass@1), unbiased pass@k for k = 1, 2, 4, ..., n, and verl's bootstrap maj@n / best@n
-    (the numbers Open-AgentRL logs), all in % over problems; plus mean turns, calls and tokens."""
+    """Per rollout count n, in % over problems: pass@1 ("score") = the mean accuracy of a rollout
+    (= unbiased pass@k at k = 1; verl's mean@n), maj@n = the majority vote's accuracy, unbiased
+    pass@k for k = 1, 2, 4, ..., n (pass@n: at least one rollout right), and verl's bootstrap
+    maj@n / best@n (what Open-AgentRL logs); plus mean turns, calls and tokens.
+    Why pass@1 is the mean although the paper's text says "majority vote": a per-problem vote over
+    GPQA Diamond's 198 problems is a multiple of 1/198, and the paper's pass@1 figures are not
+    (19.4% and 15.6% are 38.4 and 30.9 problems) while its pass@32 figures are (160 and 156 of 198)."""
     recs = [r for rs in by_problem.values() for r in rs]
     n = len(next(iter(by_problem.values())))
     ks = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
     acc = lambda f: round(100 * float(np.mean([f(rs) for rs in by_problem.values()])), 2)  # noqa: E731
     boot = [verl_bootstrap([r["correct"] for r in rs], [r["vote"] for r in rs], n) for rs in by_problem.values()]
     return {
-        "score": acc(lambda rs: rs[majority([r["vote"] for r in rs])]["correct"]), "n": len(by_problem),
-        "rollouts": n, "mean": acc(lambda rs: np.mean([r["correct"] for r in rs])),
+        "score": acc(lambda rs: np.mean([r["correct"] for r in rs])), "n": len(by_problem), "rollouts": n,
+        "maj@n": acc(lambda rs: rs[majority([r["vote"] for r in rs])]["correct"]),
         "pass@k": {str(k): acc(lambda rs, k=k: pass_at_k(n, sum(r["correct"] for r in rs), k)) for k in ks},
         "verl_maj": round(100 * float(np.mean([m for _, m in boot])), 2),
         "verl_best": round(100 * float(np.mean([b for b, _ in boot])), 2),
@@ -427,23 +445,32 @@ def eval_gpqa(engine: Engine, out_dir, data_dir, cfg: GPQAConfig, problems: int 
     if not engine.chat:
         raise EvalError("gpqa runs in the chat template (its tools block and tool turns): drop --no-chat")
     todo = read_gpqa(gpqa_file(Path(data_dir), fetch))[:problems]
-    if sandbox_network() == "host":
-        log("note: `unshare -rn` is not available here: the tool's code runs with this machine's network")
+    if cfg.unsafe_tool_sandbox:
+        log("WARNING: --unsafe-tool-sandbox: the model's code runs WITHOUT a jail, as this user: it can read and "
+            "write your files, use the network and signal your processes")
+    else:
+        log(f"gpqa: the code tool runs in a bubblewrap jail; {sandbox.sandbox_limits()}")
     m = gpqa_metrics(run_gpqa(engine, out_dir, todo, cfg, log))
-    log(f"gpqa: pass@1 (majority of {m['rollouts']}) {m['score']:.2f} | mean {m['mean']:.2f} | "
-        f"pass@{m['rollouts']} {m['pass@k'][str(m['rollouts'])]:.2f} | {m['mean_turns']} turns, "
-        f"{m['mean_generated_tokens']:.0f} generated tokens per rollout")
+    n = m["rollouts"]
+    log(f"gpqa: pass@1 {m['score']:.2f} | pass@{n} {m['pass@k'][str(n)]:.2f} | maj@{n} {m['maj@n']:.2f} | "
+        f"{m['mean_turns']} turns, {m['mean_generated_tokens']:.0f} generated tokens per rollout")
     return {"diamond": {str(m["rollouts"]): m}}
 
 
 def table(name: str, entry: dict) -> list[str]:
-    """Table 2, right half: one row per rollout count."""
-    out = ["## GPQA Diamond with a Python tool (%)\n",
-           row(["Model", "Rollouts", "pass@1 (majority)", "pass@n", "mean accuracy", "verl maj@n", "verl best@n",
-                 "turns", "generated tokens"]), "|---" * 9 + "|"]
+    """Table 2, right half (its columns pass@1 and pass@32, for n = 32): a header and a row per
+    rollout count n. pass@1 is the mean accuracy of a rollout, maj@n the majority vote's."""
+    out = ["## GPQA Diamond with a Python tool (%)\n"]
     for n, m in sorted(entry["scores"].get("diamond", {}).items(), key=lambda kv: int(kv[0])):
-        out.append(row([name, n, cell(m["score"]), cell(m["pass@k"][n]), cell(m["mean"]), cell(m["verl_maj"]),
-                         cell(m["verl_best"]), f"{m['mean_turns']:.1f}", f"{m['mean_generated_tokens']:.0f}"]))
+        # summary.json files written before pass@1 was the mean hold the vote as "score", the mean as "mean"
+        pass1, maj = (m["score"], m["maj@n"]) if "maj@n" in m else (m["mean"], m["score"])
+        out += [row(["Model", "Rollouts", "pass@1", f"pass@{n}", f"maj@{n}", f"verl maj@{n}", f"verl best@{n}",
+                     "turns", "generated tokens"]), "|---" * 9 + "|",
+                row([name, n, cell(pass1), cell(m["pass@k"][n]), cell(maj), cell(m["verl_maj"]), cell(m["verl_best"]),
+                     f"{m['mean_turns']:.1f}", f"{m['mean_generated_tokens']:.0f}"])]
+    where = entry["meta"].get("tool_sandbox", "not recorded")
+    unsafe = "**UNSAFE:** " if entry["meta"].get("unsafe_tool_sandbox") else ""
+    out.append(f"\n{unsafe}The code tool ran in: {where}.")
     return out
 
 
@@ -470,13 +497,21 @@ def add_flags(sp):
                     help="generated + tool tokens per episode")
     sp.add_argument("--tool-timeout", type=float, default=d.tool_timeout, help="seconds per code run")
     sp.add_argument("--tool-memory-mb", type=int, default=d.tool_memory_mb, help="address-space limit of a code run")
+    sp.add_argument("--tool-python", default=None, metavar="PATH",
+                    help="the interpreter the code runs with, whose libraries the model can import (default: "
+                         "the one running eval.py)")
+    sp.add_argument("--unsafe-tool-sandbox", action="store_true",
+                    help="UNSAFE: run the model's code without the bubblewrap jail (rlimits only: it can read and "
+                         "write your files and use the network); recorded in summary.json and summary.md")
 
 
 def gpqa_config(args) -> GPQAConfig:
     return GPQAConfig(rollouts=args.rollouts, temperature=args.temperature, top_p=args.top_p,
                       max_turns=args.max_turns, max_prompt_tokens=args.max_prompt_tokens,
                       max_response_tokens=args.max_response_tokens, tool_timeout=args.tool_timeout,
-                      tool_memory_mb=args.tool_memory_mb, seed=args.seed)
+                      tool_memory_mb=args.tool_memory_mb, seed=args.seed,
+                      tool_python=os.path.abspath(args.tool_python) if args.tool_python else None,
+                      unsafe_tool_sandbox=args.unsafe_tool_sandbox)
 
 
 def check(args):
@@ -488,7 +523,28 @@ def check(args):
     cfg = gpqa_config(args)
     if cfg.rollouts < 1 or cfg.max_turns < 1 or not 0 < cfg.top_p <= 1 or cfg.temperature < 0:
         raise EvalError("--rollouts and --max-turns must be positive, --top-p in (0, 1], --temperature >= 0")
+    if cfg.tool_timeout <= 0 or cfg.tool_memory_mb < 1:
+        raise EvalError("--tool-timeout and --tool-memory-mb must be positive")
+    why = None if cfg.unsafe_tool_sandbox else sandbox.sandbox_check()
+    if why:
+        raise EvalError(f"gpqa's code tool needs its sandbox: {why}; or run the model's code unjailed with "
+                        "--unsafe-tool-sandbox (see docs/sandbox.md)")
+    check_tool_python(cfg)
     gpqa_file(Path(args.data_dir), args.download)
+
+
+def check_tool_python(cfg: GPQAConfig):
+    """The interpreter must start in the sandbox (a pyenv shim or a wrapper script needs files the
+    jail does not mount): run one line there."""
+    python = cfg.tool_python or sys.executable
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise EvalError(f"--tool-python {python}: no such executable file")
+    out = sandbox.run_python("import sys; print(sys.version_info[0])", 60, cfg.tool_memory_mb, python=python,
+                             jail=not cfg.unsafe_tool_sandbox)
+    if out != "3\n":
+        last = (out.strip().splitlines() or ["no output"])[-1]
+        raise EvalError(f"--tool-python {python} does not run Python 3 in the tool's sandbox ({last}); pass the "
+                        "interpreter itself (python -c 'import sys; print(sys.executable)')")
 
 
 def evaluate(engine: Engine, out: Path, args, log=print) -> dict:
@@ -496,4 +552,6 @@ def evaluate(engine: Engine, out: Path, args, log=print) -> dict:
 
 
 def meta(args) -> dict:
-    return {**dataclasses.asdict(gpqa_config(args)), "sandbox_network": sandbox_network()}
+    cfg = gpqa_config(args)
+    return {**dataclasses.asdict(cfg), "tool_python": cfg.tool_python or sys.executable,
+            "tool_sandbox": tool_sandbox(cfg)}

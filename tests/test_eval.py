@@ -7,15 +7,16 @@ pass@k), its sandbox, resume, and end-to-end runs of the CLI on a tiny random ch
 """
 
 import json
+import math
 import os
 import re
 import runpy
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -660,39 +661,13 @@ def test_prepare_code_keeps_the_official_quirks():
     assert gpqa.prepare_code("x = 1") == "print(x = 1)"  # what the official sandbox runs (a TypeError)
 
 
-def test_run_python_output_errors_and_limits(tmp_path):
+def test_run_python_output_contract():
+    """What the tool message is made of (tests/test_sandbox.py attempts the escapes)."""
     assert sandbox.run_python("import sys\nprint('out')\nprint('err', file=sys.stderr)", 10, 512) == "out\nerr\n"
     trace = sandbox.run_python("1 / 0", 10, 512)
     assert trace.startswith("Traceback") and "ZeroDivisionError" in trace and "main.py" in trace
     assert "MemoryError" in sandbox.run_python("x = bytearray(300 * 2**20)", 10, 256)  # 256 MB address space
-    assert sandbox.run_python("import os\nprint(sorted(os.listdir('.')), 'HF_TOKEN' in os.environ)", 10, 512) == \
-        "['err', 'main.py', 'out'] False\n"  # an empty directory of its own, no tokens of ours
-
-
-def test_run_python_timeout_kills_the_process_group(tmp_path):
-    marker = tmp_path / "child-alive"
-    child = f"import time; time.sleep(2); open({str(marker)!r}, 'w')"
-    code = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {child!r}])\ntime.sleep(30)"
-    t0 = time.time()
-    assert sandbox.run_python(code, 1.0, 512) == "no stdout here"  # the official sandbox's text for a timeout
-    assert time.time() - t0 < 5
-    time.sleep(2.5)
-    assert not marker.exists()  # the child it started died with it
-
-
-def test_run_python_has_no_network():
-    if not sandbox.network_isolation():
-        pytest.skip("unshare -rn is not available here: tool code would run with the host's network")
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    port = server.getsockname()[1]
-    try:
-        code = f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n" \
-               "    print('connected')\nexcept OSError as e:\n    print('no network', type(e).__name__)"
-        assert sandbox.run_python(code, 10, 512).startswith("no network")
-    finally:
-        server.close()
+    assert sandbox.run_python("import time\ntime.sleep(5)", 0.5, 512) == "no stdout here"  # the official text
 
 
 class ScriptedEngine(common.Engine):
@@ -788,6 +763,68 @@ def test_gpqa_timeouts_and_truncated_outputs(tmp_path):
     assert responses[1] == "a" * 128 + "...(truncated)..." + "b" * 127 + "\n"  # 256 characters kept, middle cut
 
 
+def test_gpqa_call_timeout_is_honoured_and_capped(tmp_path):
+    def timed(code, timeout):
+        return "<tool_call>\n" + json.dumps({"name": "code_interpreter",
+                                             "arguments": {"code": code, "timeout": timeout}}) + "\n</tool_call>"
+    sleep = "import time\ntime.sleep({})\nprint('slept')"
+    calls = [timed(sleep.format(3), 0.5),  # its own 0.5 s, below --tool-timeout 2: cut
+             timed(sleep.format(3), 60),  # asks for 60 s: capped at 2
+             timed(sleep.format(0.1), 1),  # within its own limit: runs
+             timed("print(1)", "soon"), "\\boxed{A}"]
+    t0 = time.time()
+    engine, _ = run_scripted(tmp_path, lambda c, t: calls[t], rollouts=1, tool_timeout=2.0)
+    responses = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", max(engine.contexts, key=len), re.DOTALL)
+    assert responses == ["no stdout here", "no stdout here", "slept\n",
+                         'Error when executing tool: "timeout" must be a positive number of seconds']
+    # two problems: each ran 0.5 s + 2 s of timeouts (in parallel), never 3 s of sleep
+    assert time.time() - t0 < 2 * (0.5 + 2 + 0.1) + 3
+
+
+@pytest.fixture(scope="module")
+def venv_python(tmp_path_factory):
+    """A venv of this interpreter holding a module of its own (marker.py): importable only there."""
+    import venv
+    root = tmp_path_factory.mktemp("tool") / "venv"
+    venv.EnvBuilder(with_pip=False).create(root)
+    python = root / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (Path(purelib) / "marker.py").write_text("")
+    return str(python)
+
+
+def test_gpqa_tool_python_runs_the_code_with_that_interpreter(tmp_path, venv_python):
+    code = "import importlib.util, sys\nprint(sys.prefix, importlib.util.find_spec('marker') is not None)"
+    script = lambda c, t: [call(code), "\\boxed{A}"][t]  # noqa: E731
+    prefix = str(Path(venv_python).parent.parent)
+    engine, _ = run_scripted(tmp_path / "venv", script, rollouts=1, tool_python=venv_python)
+    assert f"<tool_response>\n{prefix} True\n" in max(engine.contexts, key=len)
+    engine, _ = run_scripted(tmp_path / "default", script, rollouts=1)  # the evaluator's own interpreter
+    assert f"<tool_response>\n{sys.prefix} False\n" in max(engine.contexts, key=len)
+    write = "open(__import__('marker').__file__, 'a').write('#')"  # the interpreter's files are read-only
+    engine, _ = run_scripted(tmp_path / "ro", lambda c, t: [call(write), "\\boxed{A}"][t], rollouts=1,
+                             tool_python=venv_python)
+    assert "Read-only file system" in max(engine.contexts, key=len)
+    # check(): a missing file, and an interpreter that cannot start in the jail (a shim, as pyenv's)
+    with pytest.raises(common.EvalError, match="no such executable file"):
+        gpqa.check_tool_python(gpqa.GPQAConfig(tool_python=str(tmp_path / "nope")))
+    shim = tmp_path / "shim"
+    shim.write_text(f"#!/bin/sh\nexec {tmp_path}/elsewhere/python \"$@\"\n")
+    shim.chmod(0o755)
+    with pytest.raises(common.EvalError, match="does not run Python 3 in the tool's sandbox"):
+        gpqa.check_tool_python(gpqa.GPQAConfig(tool_python=str(shim)))
+    gpqa.check_tool_python(gpqa.GPQAConfig(tool_python=venv_python))
+
+
+def test_gpqa_unsafe_tool_sandbox_runs_without_the_jail(tmp_path):
+    script = lambda c, t: [call("import os\nprint(sorted(os.listdir('.')))"), "\\boxed{A}"][t]  # noqa: E731
+    jailed, _ = run_scripted(tmp_path / "jail", script, rollouts=1)
+    assert "<tool_response>\n['main.py']\n" in max(jailed.contexts, key=len)  # a private tmpfs
+    unjailed, _ = run_scripted(tmp_path / "unsafe", script, rollouts=1, unsafe_tool_sandbox=True)
+    assert "<tool_response>\n['err', 'main.py', 'out']\n" in max(unjailed.contexts, key=len)  # the host's directory
+
+
 def test_gpqa_turn_and_token_budgets(tmp_path):
     # a model that always calls the tool stops after max_turns assistant turns
     engine, by_problem = run_scripted(tmp_path / "turns", lambda c, t: call("1"), rollouts=1, max_turns=3)
@@ -836,9 +873,31 @@ def test_pass_at_k_and_majority_hand_computed():
         2: [rec(False, ""), rec(False, ""), rec(False, "choice 2"), rec(False, "choice 2")],  # 0/4
     }
     m = gpqa.gpqa_metrics(by_problem)
-    assert m["score"] == round(100 * 1 / 3, 2) and m["mean"] == 25.0 and m["rollouts"] == 4 and m["n"] == 3
+    # pass@1 = mean accuracy per rollout (2/4, 1/4, 0/4); maj@4 = the vote is right on problem 0 only
+    assert m["score"] == 25.0 and m["maj@n"] == round(100 * 1 / 3, 2) and m["rollouts"] == 4 and m["n"] == 3
     # pass@1 = mean; pass@2 = (1 - C(2,2)/C(4,2) + 1 - C(3,2)/C(4,2) + 0) / 3; pass@4 = 2/3
     assert m["pass@k"] == {"1": 25.0, "2": round(100 * ((1 - 1 / 6) + (1 - 3 / 6)) / 3, 2), "4": 66.67}
+
+
+def test_gpqa_scores_of_a_scripted_run(tmp_path):
+    """Always answering "A": right when the correct choice is shown first, which the seeded order
+    makes vary between rollouts. Each figure recomputed here from the results lines."""
+    engine, by_problem = run_scripted(tmp_path, lambda c, t: "\\boxed{A}", rollouts=8)
+    m = gpqa.gpqa_metrics(by_problem)
+    correct = [[r["correct"] for r in rs] for rs in by_problem.values()]
+    assert 0 < sum(map(sum, correct)) < 16  # some rollouts right, some wrong
+
+    def vote(rs):  # verl's calc_maj_val: the most frequent vote, ties to the one seen first
+        counts = Counter(r["vote"] for r in rs)
+        return next(r for r in rs if counts[r["vote"]] == max(counts.values()))["correct"]
+    assert m["score"] == round(100 * float(np.mean([np.mean(c) for c in correct])), 2)  # pass@1: the mean
+    assert m["score"] == m["pass@k"]["1"]
+    assert m["maj@n"] == round(100 * float(np.mean([vote(rs) for rs in by_problem.values()])), 2)  # the old "score"
+    assert m["pass@k"] == {str(k): round(100 * float(np.mean([1 - math.comb(8 - sum(c), k) / math.comb(8, k)
+                                                              for c in correct])), 2) for k in (1, 2, 4, 8)}
+    assert m["pass@k"]["8"] == round(100 * float(np.mean([any(c) for c in correct])), 2)  # the oracle over 8
+    boot = [gpqa.verl_bootstrap([r["correct"] for r in rs], [r["vote"] for r in rs], 8) for rs in by_problem.values()]
+    assert (m["verl_best"], m["verl_maj"]) == tuple(round(100 * float(np.mean(x)), 2) for x in zip(*boot))
 
 
 def test_verl_bootstrap_matches_verl_formula():
@@ -892,7 +951,9 @@ def test_gpqa_end_to_end_tiny_model(tiny_ckpt, tmp_path, capsys):
     s = json.loads((tmp_path / "a" / "summary.json").read_text())["gpqa"]
     m = s["scores"]["diamond"]["2"]
     assert m["n"] == 2 and set(m["pass@k"]) == {"1", "2"} and s["meta"]["top_p"] == 0.6 and s["meta"]["chat"] is True
-    assert "| Model | Rollouts | pass@1 (majority) |" in (tmp_path / "a" / "summary.md").read_text()
+    assert s["meta"]["tool_sandbox"] == sandbox.sandbox_name() and s["meta"]["unsafe_tool_sandbox"] is False
+    assert "| Model | Rollouts | pass@1 | pass@2 | maj@2 | verl maj@2 | verl best@2 |" in \
+        (tmp_path / "a" / "summary.md").read_text()
     code, out, _ = cli(capsys, *args, "--out", tmp_path / "a")  # resume: nothing left to do
     assert code == 0 and "all 4 rollouts already done" in out
     # seeded: a second run elsewhere samples the same tokens
@@ -903,6 +964,26 @@ def test_gpqa_end_to_end_tiny_model(tiny_ckpt, tmp_path, capsys):
     assert [r["response"] for r in sorted(recs, key=key)] == [r["response"] for r in sorted(again, key=key)]
     code, _, err = cli(capsys, *args, "--out", tmp_path / "c", "--max-prompt-tokens", 100)
     assert code == 2 and "--max-prompt-tokens 100" in err
+
+
+def test_gpqa_refuses_without_its_sandbox_unless_told(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    write_gpqa_csv(tmp_path / "d")
+    reason = "bubblewrap not found: apt-get install bubblewrap (or dnf/pacman install bubblewrap)"
+    monkeypatch.setattr(sandbox, "sandbox_check", lambda: reason)
+    # refused before any model loads (this one does not even exist)
+    code, out, err = cli(capsys, "gpqa", "--model", tmp_path / "missing", "--data-dir", tmp_path / "d")
+    assert code == 2 and err.strip() == (f"error: gpqa's code tool needs its sandbox: {reason}; or run the model's "
+                                         "code unjailed with --unsafe-tool-sandbox (see docs/sandbox.md)")
+    args = ["gpqa", "--model", tiny_ckpt, "--data-dir", tmp_path / "d", "--rollouts", 1, "--max-turns", 1,
+            "--max-response-tokens", 8, "--out", tmp_path / "o", "--unsafe-tool-sandbox"]
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    assert "WARNING: --unsafe-tool-sandbox: the model's code runs WITHOUT a jail" in out
+    meta = json.loads((tmp_path / "o" / "summary.json").read_text())["gpqa"]["meta"]
+    assert meta["unsafe_tool_sandbox"] is True and meta["tool_sandbox"].startswith("none (--unsafe-tool-sandbox)")
+    assert meta["tool_python"] == sys.executable
+    line = "**UNSAFE:** The code tool ran in: none (--unsafe-tool-sandbox)"
+    assert line in (tmp_path / "o" / "summary.md").read_text() and line in out  # the table printed at the end
 
 
 # -----------------------------------------------------------------------------
