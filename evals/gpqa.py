@@ -354,7 +354,9 @@ def finish_episode(engine: Engine, e: Episode, problems: list[dict], cfg: GPQACo
             "correct": correct, "score": float(correct), "turns": e.turns, "tool_calls": e.tool_calls,
             "prompt_tokens": e.prompt_tokens, "response_tokens": e.response_tokens,
             "generated_tokens": e.generated_tokens, "prefilled_tokens": e.prefilled_tokens,
-            "seconds": round(time.time() - e.started, 2), "response": response}
+            "seconds": round(time.time() - e.started, 2), "response": response,
+            # kept with the rollout, so a resumed run cannot hide that part of it ran without the jail
+            **({"unjailed": True} if cfg.unsafe_tool_sandbox else {})}
 
 
 def run_gpqa(engine: Engine, out_dir: Path, problems: list[dict], cfg: GPQAConfig, log=print) -> dict:
@@ -437,6 +439,7 @@ def gpqa_metrics(by_problem: dict[int, list[dict]]) -> dict:
         "verl_best": round(100 * float(np.mean([b for b, _ in boot])), 2),
         **{f"mean_{k}": round(float(np.mean([r[k] for r in recs])), 1)
            for k in ("turns", "tool_calls", "generated_tokens", "response_tokens", "prefilled_tokens")},
+        **({"unjailed_rollouts": unjailed} if (unjailed := sum(bool(r.get("unjailed")) for r in recs)) else {}),
     }
 
 
@@ -469,8 +472,12 @@ def table(name: str, entry: dict) -> list[str]:
                 row([name, n, cell(pass1), cell(m["pass@k"][n]), cell(maj), cell(m["verl_maj"]), cell(m["verl_best"]),
                      f"{m['mean_turns']:.1f}", f"{m['mean_generated_tokens']:.0f}"])]
     where = entry["meta"].get("tool_sandbox", "not recorded")
-    unsafe = "**UNSAFE:** " if entry["meta"].get("unsafe_tool_sandbox") else ""
+    # the entry of the most rollouts counts every rollout the smaller ones do
+    unjailed = max([m.get("unjailed_rollouts", 0) for m in entry["scores"].get("diamond", {}).values()], default=0)
+    unsafe = "**UNSAFE:** " if entry["meta"].get("unsafe_tool_sandbox") or unjailed else ""
     out.append(f"\n{unsafe}The code tool ran in: {where}.")
+    if unjailed:
+        out.append(f"{unjailed} rollout(s) ran without the jail (--unsafe-tool-sandbox), in this or an earlier run.")
     return out
 
 

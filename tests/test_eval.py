@@ -755,8 +755,9 @@ def test_gpqa_timeouts_and_truncated_outputs(tmp_path):
         return [call("import time\ntime.sleep(20)"), call("print('a' * 300 + 'b' * 300)"), "\\boxed{A}"][turn]
 
     t0 = time.time()
-    engine, by_problem = run_scripted(tmp_path, script, rollouts=1, tool_timeout=0.5)
-    assert time.time() - t0 < 10
+    # 3 s: long enough for the jail to start and print on a loaded machine, far below the sleep
+    engine, by_problem = run_scripted(tmp_path, script, rollouts=1, tool_timeout=3)
+    assert time.time() - t0 < 15
     last = max(engine.contexts, key=len)
     responses = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", last, re.DOTALL)
     assert responses[0] == "no stdout here"
@@ -770,7 +771,7 @@ def test_gpqa_call_timeout_is_honoured_and_capped(tmp_path):
     sleep = "import time\ntime.sleep({})\nprint('slept')"
     calls = [timed(sleep.format(3), 0.5),  # its own 0.5 s, below --tool-timeout 2: cut
              timed(sleep.format(3), 60),  # asks for 60 s: capped at 2
-             timed(sleep.format(0.1), 1),  # within its own limit: runs
+             timed(sleep.format(0.1), 1.9),  # within its own limit: runs (1.9 s: room for a loaded machine)
              timed("print(1)", "soon"), "\\boxed{A}"]
     t0 = time.time()
     engine, _ = run_scripted(tmp_path, lambda c, t: calls[t], rollouts=1, tool_timeout=2.0)
@@ -984,6 +985,14 @@ def test_gpqa_refuses_without_its_sandbox_unless_told(tiny_ckpt, tmp_path, capsy
     assert meta["tool_python"] == sys.executable
     line = "**UNSAFE:** The code tool ran in: none (--unsafe-tool-sandbox)"
     assert line in (tmp_path / "o" / "summary.md").read_text() and line in out  # the table printed at the end
+    # finished later with the jail: the summary still says that part of the run had none
+    monkeypatch.setattr(sandbox, "sandbox_check", lambda: None)
+    code, out, err = cli(capsys, *[a for a in args if a != "--unsafe-tool-sandbox"], "--rollouts", 2)
+    assert code == 0, err
+    recs = [json.loads(x) for x in (tmp_path / "o" / "gpqa" / "diamond.jsonl").read_text().splitlines()]
+    assert [r.get("unjailed", False) for r in recs] == [True, True, False, False]  # 2 problems x (1 + 1)
+    md = (tmp_path / "o" / "summary.md").read_text()
+    assert "**UNSAFE:** The code tool ran in: bubblewrap" in md and "2 rollout(s) ran without the jail" in md
 
 
 # -----------------------------------------------------------------------------
