@@ -51,8 +51,9 @@ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
     ENV.pop(k, None)
 
 # Flags shared by the runs: tiny model, fp32 on CPU, no warm-up (every step updates), an lr large
-# enough that a wrong gradient moves the weights visibly.
-BASE = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--max-length", "256",
+# enough that a wrong gradient moves the weights visibly; a stuck 2-process run stops within 2 min
+# with the phase it was stuck in (train.Watchdog), before run_cli's timeout.
+BASE = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--max-length", "256", "--dist-timeout", "120",
         "--no-grad-checkpointing", "--warmup-ratio", "0", "--lr", "1e-3"]
 
 
@@ -405,7 +406,7 @@ def test_stuck_rank_stops_the_run_and_resumes(tmp, unequal_data):
     then SIGKILLs them after 30 s: a stopped process only dies on SIGKILL). While rank 0 waits, a
     SIGUSR1 prints its stacks. Resuming then ends with the weights of an uninterrupted run, bit for bit
     (both launched while torchrun waits out its 30 s: rank 1 is frozen, rank 0 gone)."""
-    timeout = 5
+    timeout = 8  # a step's phase includes its compute: a few seconds on a loaded box
     common = [*BASE, "--data", unequal_data, "--method", "sft", "--epochs", 5, "--batch-size", 1, "--grad-accum", 1,
               "--save-every", 2, "--dist-timeout", timeout]  # 4 steps per epoch: 20 steps
     out, logs = tmp / "stuck", [open(tmp / f"stuck.{name}", "w+") for name in ("stdout", "stderr")]
