@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import faulthandler
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -101,6 +105,7 @@ class TrainConfig:
     device: str = ""  # default: cuda:LOCAL_RANK if CUDA is available, else cpu
     threads: int = 0  # CPU threads of torch's operators (0: torch's default, one per core)
     backend: str = ""  # default: nccl on CUDA, gloo on CPU
+    dist_timeout: float = 1800.0  # seconds a rank waits for the others in one phase (see Watchdog)
     # --estimate-memory and its own flags (memory.py): print the memory per GPU of a step; trains nothing
     estimate: memory.EstimateConfig = field(default_factory=memory.EstimateConfig)
     # the method (paper defaults live in focusft.FocusConfig, declared once)
@@ -138,6 +143,10 @@ HELP = {  # flags whose default alone does not say what they do
     "inner_grad": "grad: torch.func.grad; vjp: the same gradients, less memory",
     "loss_chunk": "supervised positions per piece of the cross-entropy (bounds the N x vocab log-probs)",
     "save_every": "write OUT/step-N/ (with optimizer and RNG state) every N optimizer steps; 0: final model only",
+    "dist_timeout": "seconds a rank waits for the others in one phase (a step, a checkpoint's gather or barrier, "
+                    "teardown) before it stops with an error naming the phase and the rank. The longest "
+                    "legitimate wait: the other ranks at the barrier while rank 0 writes a checkpoint, "
+                    "Qwen2.5-7B with AdamW state is 46 GB in bf16 and 91 GB in fp32, 30 min at 50 MB/s",
     **memory.HELP,
 }
 
@@ -184,14 +193,56 @@ class Runtime:
     world: int
     device: torch.device
     distributed: bool  # launched by torchrun
+    watchdog: Watchdog | None = None  # under torchrun: bounds each phase that waits for the other ranks
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    def phase(self, name: str):
+        """`with rt.phase(name):` around code that waits for the other ranks (see Watchdog)."""
+        return self.watchdog.phase(name) if self.watchdog else contextlib.nullcontext()
+
     def log(self, *args, **kwargs):
         if self.main:
             print(*args, **kwargs, flush=True)
+
+
+class Watchdog:
+    """Stops this rank with one line when a phase that waits for the other ranks lasts longer than
+    --dist-timeout: a dead GPU or a frozen process otherwise holds every other rank in its next
+    collective, silently, for the backend's timeout (gloo 30 min, NCCL 10 min).
+
+    NOTE: a try/except around the collectives is not enough: on a timeout NCCL's own watchdog
+    aborts the process before Python sees an exception, and the main thread of a stuck rank sits
+    in C++. So a thread of our own reads the current phase (set by `with rt.phase(name):`), prints
+    the phase, the rank and the last checkpoint, and leaves with exit code 2 (os._exit: there is
+    no way to raise in the main thread); torchrun then stops the other ranks. The backend's own
+    timeout is set a minute longer, as a backstop for collectives outside any phase."""
+
+    def __init__(self, rank: int, timeout: float):
+        self.rank, self.timeout = rank, timeout
+        self.out: Path | None = None  # --out, once known: the error names its last checkpoint
+        self.current: tuple[str, float] | None = None  # (phase, its start); replaced whole, so read without a lock
+        threading.Thread(target=self._watch, name="dist-watchdog", daemon=True).start()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        outer, self.current = self.current, (name, time.monotonic())
+        try:
+            yield
+        finally:
+            self.current = outer
+
+    def _watch(self):
+        while True:
+            time.sleep(min(1.0, self.timeout / 20))
+            current = self.current
+            if current is not None and time.monotonic() - current[1] > self.timeout:
+                print(f"error: rank {self.rank} waited more than {self.timeout:g} s (--dist-timeout) for the other "
+                      f"ranks in {current[0]}: a rank is stuck or gone. {last_saved(self.out)}",
+                      file=sys.stderr, flush=True)
+                os._exit(2)
 
 
 def setup(cfg: TrainConfig) -> Runtime:
@@ -225,9 +276,16 @@ def setup(cfg: TrainConfig) -> Runtime:
         raise TrainError("--fsdp already shards the AdamW state; drop --zero1")
     if cfg.fsdp and tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13):
         raise TrainError(f"--fsdp needs torch >= 2.13 (FSDP2 under torch.func), not {torch.__version__}")
-    if distributed:
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    return Runtime(rank, world, device, distributed)
+    if cfg.dist_timeout <= 0:
+        raise TrainError(f"--dist-timeout must be positive, not {cfg.dist_timeout:g}")
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack to this rank's stderr
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    watchdog = None
+    if distributed:  # the backend's timeout backs up the watchdog's, which names the phase
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout + 60))
+        watchdog = Watchdog(rank, cfg.dist_timeout)
+    return Runtime(rank, world, device, distributed, watchdog)
 
 
 def prepare_output(cfg: TrainConfig, rt: Runtime) -> tuple[Path, Path | None]:
@@ -242,6 +300,8 @@ def prepare_output(cfg: TrainConfig, rt: Runtime) -> tuple[Path, Path | None]:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.resume and resume_from is None:
         rt.log(f"--resume: no checkpoint in {out}, starting from scratch")
+    if rt.watchdog:
+        rt.watchdog.out = out
     return out, resume_from
 
 
@@ -524,11 +584,12 @@ def train_loop(run: Run, start: int) -> tuple[float | None, float]:
         batches = micro_batches(cfg, plan, run.tokenizer, step, rt, cache)
         lr = run.scheduler.get_last_lr()[0]
         try:
-            st = train_step(run.step_module, run.model, run.optimizer, run.scheduler, batches, run.generator, cfg, rt)
+            with rt.phase(f"train_step {step + 1} (forward, backward, the gradients' all-reduce)"):
+                st = train_step(run.step_module, run.model, run.optimizer, run.scheduler, batches, run.generator,
+                                cfg, rt)
         except NonFiniteStep as e:
-            last = newest_checkpoint(out)
             raise TrainError(f"non-finite {e} at step {step + 1}; stopped without applying it. "
-                             + (f"Last checkpoint: {last}" if last else "No checkpoint was written yet.")) from None
+                             + last_saved(out)) from None
         first_loss = st.loss if first_loss is None else first_loss
         last_loss, done = st.loss, step + 1
         dt = time.time() - t0
@@ -575,6 +636,14 @@ def newest_checkpoint(out: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+def last_saved(out: Path | None) -> str:
+    """What an error says about what the run has written so far."""
+    if out and (out / "config.json").is_file():  # published last by finish
+        return f"The final model is in {out}/."
+    last = newest_checkpoint(out) if out else None
+    return f"Last checkpoint: {last}" if last else "No checkpoint was written yet."
+
+
 def rng_state(generator: torch.Generator) -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
              "fast_weights": generator.get_state()}
@@ -598,16 +667,17 @@ def save(path: Path, step: int, run: Run, with_state: bool):
     to rank 0 (both collective); rank 0 writes."""
     cfg, rt, model, optimizer = run.cfg, run.rt, run.model, run.optimizer
     rngs = [None] * rt.world
-    if rt.distributed:
-        dist.all_gather_object(rngs, rng_state(run.generator))
-    else:
-        rngs[0] = rng_state(run.generator)
-    if with_state and isinstance(optimizer, ZeroRedundancyOptimizer):
-        optimizer.consolidate_state_dict(to=0)
-    if cfg.fsdp:  # the full weights and optimizer state, in rank 0's host memory (collective)
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(run.step_module, options=full)
-        optimizer_state = get_optimizer_state_dict(run.step_module, optimizer, options=full) if with_state else {}
+    with rt.phase(f"save {path.name} (the gather of RNG, optimizer and FSDP states to rank 0)"):
+        if rt.distributed:
+            dist.all_gather_object(rngs, rng_state(run.generator))
+        else:
+            rngs[0] = rng_state(run.generator)
+        if with_state and isinstance(optimizer, ZeroRedundancyOptimizer):
+            optimizer.consolidate_state_dict(to=0)
+        if cfg.fsdp:  # the full weights and optimizer state, in rank 0's host memory (collective)
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights = get_model_state_dict(run.step_module, options=full)
+            optimizer_state = get_optimizer_state_dict(run.step_module, optimizer, options=full) if with_state else {}
     if rt.main:
         extra = {**run.tokenizer.files(), "focusft.json": json.dumps(asdict(cfg.focus), indent=2) + "\n"}
         if with_state:
@@ -621,7 +691,8 @@ def save(path: Path, step: int, run: Run, with_state: bool):
             model = unsharded_copy(model, weights)
         model.save_pretrained(path, extra_files=extra)
     if rt.distributed:
-        dist.barrier()
+        with rt.phase(f"save {path.name} (the barrier while rank 0 writes)"):  # the longest legitimate wait
+            dist.barrier()
 
 
 def unsharded_copy(model: Qwen2, weights: dict) -> Qwen2:
@@ -697,18 +768,20 @@ def main(cfg: TrainConfig):
     tokenizer, model_dir = load_tokenizer(cfg)
     plan = plan_data(cfg, tokenizer, rt)
     source = resume_from or model_dir or random_config(cfg, tokenizer)
-    if cfg.fsdp:
-        model, step_module = wrap_fsdp(cfg, rt, source)
-    else:
-        model = build_model(cfg, rt, source)
-        step_module = wrap(model, cfg, rt)
+    with rt.phase("wrap (the broadcast of the initial weights)"):
+        if cfg.fsdp:
+            model, step_module = wrap_fsdp(cfg, rt, source)
+        else:
+            model = build_model(cfg, rt, source)
+            step_module = wrap(model, cfg, rt)
     optimizer, scheduler = build_optimizer(model, cfg, rt, plan.total_steps)
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1000 * rt.rank)  # fast weights: one stream per rank
     run = Run(cfg=cfg, rt=rt, out=out, plan=plan, tokenizer=tokenizer, model=model, step_module=step_module,
               optimizer=optimizer, scheduler=scheduler, generator=generator)
     start = 0
     if resume_from is not None:
-        start = restore(resume_from, run)
+        with rt.phase(f"restore {resume_from.name}"):
+            start = restore(resume_from, run)
         if rt.main:
             trim_log(out / "log.jsonl", start)
     n_params = sum(p.numel() for p in model.parameters())
@@ -732,7 +805,8 @@ def finish(run: Run, start: int, first_loss: float | None, last_loss: float):
         if cfg.data == PRESETS["demo"]["data"]:
             print(f"next: python eval.py demo --model {out}")
     if rt.distributed:
-        dist.destroy_process_group()
+        with rt.phase("teardown (destroy_process_group)"):
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -20,13 +20,18 @@ normalisation constant; the tests also compare the logged loss and pre-clip grad
 Run: python -m pytest tests/test_train.py
 """
 
+import contextlib
 import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -46,8 +51,9 @@ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
     ENV.pop(k, None)
 
 # Flags shared by the runs: tiny model, fp32 on CPU, no warm-up (every step updates), an lr large
-# enough that a wrong gradient moves the weights visibly.
-BASE = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--max-length", "256",
+# enough that a wrong gradient moves the weights visibly; a stuck 2-process run stops within 2 min
+# with the phase it was stuck in (train.Watchdog), before run_cli's timeout.
+BASE = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--max-length", "256", "--dist-timeout", "120",
         "--no-grad-checkpointing", "--warmup-ratio", "0", "--lr", "1e-3"]
 
 
@@ -70,8 +76,17 @@ def write_data(path: Path, n: int, seed: int = 0, equal_targets: bool = False) -
     return path
 
 
+LAUNCHES: list[str] = []  # what this test's launches printed, for the message of one that times out
+
+
+@pytest.fixture(autouse=True)
+def forget_launches():
+    LAUNCHES.clear()
+
+
 def run_cli(args, nproc: int = 1, env=None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """python train.py ARGS, or torchrun --standalone (free port) with nproc processes."""
+    """python train.py ARGS, or torchrun --standalone (free port) with nproc processes. A launch that
+    exceeds `timeout` fails the test with every worker's stacks and what this test's launches printed."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
@@ -80,16 +95,61 @@ def run_cli(args, nproc: int = 1, env=None, timeout: int = 300) -> subprocess.Co
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        ranks = workers(proc)
+        notes = dump_stacks(ranks)
+        time.sleep(2)  # the dumps reach stderr
         # NOTE: torchrun starts each worker in a session of its own, out of reach of a process-group
-        # kill; on SIGTERM it stops them itself. Only then is the launcher killed.
+        # kill; on SIGTERM it stops them itself (SIGKILL after 30 s). Only then is the launcher killed.
         proc.terminate()
         try:
-            proc.communicate(timeout=30)
+            out, err = proc.communicate(timeout=45)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-        raise
+            for pid in [*ranks.values(), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        LAUNCHES.append(launch_record(args, f"killed after {timeout} s; {notes}", out, err))
+        pytest.fail(f"a launch exceeded its {timeout} s; this test's launches:\n" + "\n".join(LAUNCHES), pytrace=False)
+    LAUNCHES.append(launch_record(args, f"exit code {proc.returncode}", out, err))
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def launch_record(args, outcome: str, out: str, err: str, tail: int = 20000) -> str:
+    return (f"=== train.py {' '.join(map(str, args))}: {outcome}\n--- stdout (end)\n{out[-tail:]}\n"
+            f"--- stderr (end)\n{err[-tail:]}")
+
+
+def workers(launch: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of a launch's train.py processes: torchrun's children, found in /proc by their
+    parent's pid, their RANK read from their environment; or the launch itself (one process)."""
+    ranks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):  # processes come and go
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == launch.pid:  # fields after "(comm)": state, ppid
+                env = (stat.parent / "environ").read_bytes().split(b"\0")
+                rank = next(int(e[5:]) for e in env if e.startswith(b"RANK="))
+                ranks[rank] = int(stat.parent.name)
+    return ranks or {0: launch.pid}
+
+
+def dump_stacks(ranks: dict[int, int]) -> str:
+    """Every worker's stacks: py-spy's dump when installed (returned), else SIGUSR1, which train.py
+    turns into a faulthandler dump of every thread on that worker's stderr. NOTE: SIGUSR1 goes only
+    to workers that already catch it: its default action would kill one still starting up."""
+    notes = []
+    for rank, pid in sorted(ranks.items()):
+        if shutil.which("py-spy"):
+            r = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+            notes.append(f"py-spy dump of rank {rank} (pid {pid}):\n{r.stdout}{r.stderr}")
+            continue
+        with contextlib.suppress(OSError):
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+            if int(status["SigCgt"], 16) >> (signal.SIGUSR1 - 1) & 1:
+                os.kill(pid, signal.SIGUSR1)
+                notes.append(f"rank {rank} (pid {pid}): stacks on stderr")
+                continue
+        notes.append(f"rank {rank} (pid {pid}): no stacks (not catching SIGUSR1)")
+    return "; ".join(notes)
 
 
 def run_ok(args, nproc: int = 1):
@@ -337,6 +397,73 @@ def test_zero1_equals_plain_ddp(tmp, unequal_data):
     for i in a["state"]:
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(a["state"][i][name], b["state"][i][name]), (i, name)
+
+
+def test_stuck_rank_stops_the_run_and_resumes(tmp, unequal_data):
+    """Fault injection with no hook in train.py: rank 1 is frozen (SIGSTOP) once step-2 exists. Rank 0
+    must stop within --dist-timeout with exit code 2 and one line naming its rank, the phase it
+    waited in and the last checkpoint; torchrun must end the run (it SIGTERMs the other workers,
+    then SIGKILLs them after 30 s: a stopped process only dies on SIGKILL). While rank 0 waits, a
+    SIGUSR1 prints its stacks. Resuming then ends with the weights of an uninterrupted run, bit for bit
+    (both launched while torchrun waits out its 30 s: rank 1 is frozen, rank 0 gone)."""
+    timeout = 8  # a step's phase includes its compute: a few seconds on a loaded box
+    common = [*BASE, "--data", unequal_data, "--method", "sft", "--epochs", 5, "--batch-size", 1, "--grad-accum", 1,
+              "--save-every", 2, "--dist-timeout", timeout]  # 4 steps per epoch: 20 steps
+    out, logs = tmp / "stuck", [open(tmp / f"stuck.{name}", "w+") for name in ("stdout", "stderr")]
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(REPO / "train.py"), *map(str, [*common, "--out", out])],
+                              cwd=REPO, env=ENV, stdout=logs[0], stderr=logs[1])
+    ranks, ended = {}, []
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "step-2" / "train_state.pt").is_file():
+            assert launch.poll() is None and time.monotonic() < deadline, "the run ended before step-2"
+            time.sleep(0.01)
+        ranks = workers(launch)
+        os.kill(ranks[1], signal.SIGSTOP)
+        frozen = time.monotonic()
+        time.sleep(1)
+        dumped = dump_stacks({0: ranks[0]})  # rank 0 is waiting for rank 1 by now: its stacks, please
+        while is_running(ranks[0]):
+            time.sleep(0.05)
+        rank0_s, last = time.monotonic() - frozen, train.newest_checkpoint(out)
+        waiter = threading.Thread(target=lambda: ended.append((launch.wait(), time.monotonic())[1]))
+        waiter.start()
+        run_ok([*common, "--out", tmp / "unstuck"], nproc=2)  # the reference
+        resumed = run_ok([*common, "--out", out, "--resume"], nproc=2)  # the same command again, resuming
+        waiter.join(timeout=120)
+    finally:
+        launch.kill()
+        for pid in ranks.values():  # a stopped worker left behind would never end
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        launch.wait()
+    stdout, stderr = (f.seek(0) or f.read() for f in logs)
+    assert ended, "torchrun did not end the run"
+    print(f"rank 0 stopped {rank0_s:.1f} s and torchrun {ended[0] - frozen:.1f} s after rank 1 was frozen")
+    assert "done:" not in stdout, "the run was not interrupted"
+    assert launch.returncode != 0 and not is_running(ranks[1])
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr[-5000:]
+    assert re.fullmatch(rf"error: rank 0 waited more than {timeout} s \(--dist-timeout\) for the other ranks in "
+                        rf"(train_step \d+|save step-\d+) \(.+\): a rank is stuck or gone\. Last checkpoint: {last}",
+                        errors[0]), errors[0]
+    assert "exitcode  : 2" in stderr  # torchrun's summary of rank 0
+    assert rank0_s < timeout + 10, f"rank 0 stopped only {rank0_s:.1f} s after rank 1 was frozen"
+    # faulthandler's dump of every thread of rank 0: the main thread in the loop, the watchdog's own
+    stacks = dumped + stderr  # py-spy's dump, if installed, else faulthandler's on stderr
+    assert re.search(r'train\.py", line \d+,? in train_loop|train_loop \(.*train\.py', stacks), stacks[-5000:]
+    assert re.search(r'train\.py", line \d+,? in _watch|_watch \(.*train\.py', stacks), stacks[-5000:]
+    assert f"resuming from {last} at step" in resumed.stdout
+    assert_weights_equal(tmp / "unstuck", out)
+
+
+def is_running(pid: int) -> bool:
+    """Neither gone nor a zombie (a worker that ended stays one until torchrun reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_fsdp_equals_ddp_and_resumes(tmp, unequal_data):
