@@ -527,14 +527,14 @@ class DependenceCheck:
 
     `inner_first` is the loss of the plain model on the batch (the fast weights start with B = 0),
     i.e. of the model that is saved and evaluated; the outer loss is that of the adapted model.
-    Healthy runs, measured: the inner steps help a little, inner_first is 1.02-1.04x the loss
-    (0.01 nats above it) in the demo preset from step ~35 on, and 1.00x in the tests' tiny runs.
-    More while a model learns from scratch or from little data: up to 1.75x and 1.4 nats in the
-    demo's first 30 steps; 1.6-1.85x but under 0.5 nats throughout a run on 200 of the demo's
-    conversations (batch 8). A run that has come to lean on the fast weights keeps a low outer
-    loss while the plain model stays bad, for as long as it runs: loss 0.2 against inner_first 5.7
-    (28x, 5.5 nats; the saved model scored 0 %), and 10-150x, 1.5-3 nats in the runs that
-    tests/test_train.py reproduces it with.
+    Healthy runs, measured: the inner steps help a little, inner_first is 0.98-1.05x the loss (at
+    most 0.03 nats above it) in the demo preset (300 steps) from step 35 on, and 1.00x in the
+    tests' tiny runs. More while a model learns from scratch or from little data: up to 1.75x and
+    1.4 nats in the demo's first 35 steps; 1.6-1.85x but under 0.5 nats after step 30 of a run on
+    200 of the demo's conversations (batch 8). A run that has come to lean on the fast weights keeps
+    a low outer loss while the plain model stays bad, for as long as it runs: loss 0.2 against
+    inner_first 5.7 (28x, 5.5 nats; the saved model scored 0 %), and 14-120x, 2.5-3.8 nats from
+    step 20 on in the run tests/test_train.py reproduces it with.
 
     Hence both conditions for a flagged step, each well clear of the healthy runs: the ratio
     alone would flag two small losses (0.01 against 0.05), the gap alone a run whose losses are
