@@ -567,7 +567,8 @@ class DependenceCheck:
 
 
 def train_loop(run: Run, start: int) -> tuple[float | None, float]:
-    """Optimizer steps start..total-1: one step, one log line, a checkpoint every --save-every."""
+    """Optimizer steps start..total-1: one step, one log line, a checkpoint every --save-every.
+    Rank 0 of a bilevel run also watches for fast-weight dependence (DependenceCheck)."""
     cfg, rt, plan, out = run.cfg, run.rt, run.plan, run.out
     if rt.main and cfg.focus.bilevel:
         run.dependence = DependenceCheck(warmup=math.ceil(cfg.warmup_ratio * plan.total_steps))
