@@ -782,3 +782,113 @@ def test_tiny_words_model_trains_and_saves_its_tokenizer(tmp_path):
     model = Qwen2.from_pretrained(out)
     assert model.config.initializer_range == train.TINY_WORDS["initializer_range"]
     assert len(log_records(out)) == 2
+
+
+# -----------------------------------------------------------------------------
+# The fast-weight dependence check (train.DependenceCheck)
+#
+# The failure it catches: the outer loss falls because the inner loop fits each batch, while the
+# plain model (the one saved and evaluated; its loss is `inner_first`) stays bad. Reproduced on the
+# demo's tiny-words model with an inner loop far stronger than the paper's (8 inner steps, each
+# fast-weight gradient clipped at 3 instead of 1) on conversations whose answer is always the
+# same: the inner loop learns that answer within the step, the outer loss collapses to 0.01-0.2
+# while inner_first stays at 1.5-4. The normal run is the paper's inner loop on the demo's data.
+
+WORDS = "apple berry cherry delta echo fox golf hotel india juliet kilo lima mike".split()
+DEPENDENCE_RUN = ["--model", "tiny-words", "--device", "cpu", "--dtype", "fp32", "--no-grad-checkpointing",
+                  "--lr", "3e-3", "--warmup-ratio", "0", "--grad-accum", 1, "--threads", 1]
+DEPENDENT = [*DEPENDENCE_RUN, "--max-length", 128, "--batch-size", 4, "--epochs", 8, "--inner-steps", 8,
+             "--inner-clip", 3]
+
+
+def write_constant_answer_data(path: Path, n: int = 40, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            user = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
+            msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": "yes no " * 6}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+def warning_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("warning: ")]
+
+
+def flagged(records) -> int:
+    """Steps of `records` that the rule flags, by its definition (DependenceCheck)."""
+    return sum(x["inner_first"] >= 3 * x["loss"] and x["inner_first"] - x["loss"] >= 1 for x in records)
+
+
+@pytest.fixture(scope="module")
+def dependent_run(tmp):
+    """The reproduced failure (80 steps, ~15 s), run once: its data, output directory and stdout."""
+    path = write_constant_answer_data(tmp / "constant.jsonl")
+    out = tmp / "dependent"
+    r = run_ok([*DEPENDENT, "--data", path, "--out", out, "--save-every", 40])
+    return path, out, r.stdout
+
+
+def test_dependence_check_rule():
+    """The rule on made-up losses, against its definition: 40 of the last 50 steps after warm-up
+    with inner_first >= 3 x loss and >= 1 nat above it; once."""
+    def first_warning(pairs, warmup=0):
+        check = train.DependenceCheck(warmup=warmup)
+        fired = [s for s, (loss, first) in enumerate(pairs, 1) if check.update(s, loss, first)]
+        assert len(fired) <= 1
+        return fired[0] if fired else None
+
+    bad, good = (0.2, 5.7), (1.0, 1.03)
+    assert first_warning([bad] * 200) == 50  # never in the first 49 steps
+    assert first_warning([bad] * 200, warmup=10) == 60  # the warm-up steps do not count
+    assert first_warning([good] * 200) is None
+    assert first_warning(([good] * 11 + [bad] * 39) * 4) is None  # 39 of 50: not enough
+    assert first_warning([good] * 10 + [bad] * 40) == 50  # 40 of 50
+    assert first_warning([(0.01, 0.9)] * 100) is None  # 90x, but 0.89 nats: both conditions are needed
+    assert first_warning([(1.0, 2.9)] * 100) is None  # 1.9 nats, but 2.9x
+    assert first_warning([(1.0, 3.0)] * 100) == 50
+
+
+def test_fast_weight_dependence_warns(dependent_run):
+    """A run that depends on its fast weights warns once, in one line right after the step's line,
+    records it on that step's log.jsonl record and repeats it after the summary."""
+    _, out, stdout = dependent_run
+    recs = log_records(out)
+    warned = [x for x in recs if "warning" in x]
+    assert len(warned) == 1
+    step = warned[0]["step"]
+    assert step >= 50 and flagged(recs[step - 50:step]) >= 40 and flagged(recs[step - 51:step - 1]) < 40
+    expected = f"warning: {warned[0]['warning']}"
+    assert expected.startswith(f"warning: step {step}: the plain model's loss (inner_first, mean ")
+    assert "depend on fast weights that inference does not use" in expected and "--inner-steps" in expected
+    lines = stdout.splitlines()
+    assert warning_lines(stdout) == [expected, expected]
+    assert lines[lines.index(expected) - 1].startswith(f"step {step}/80 |")
+    assert lines[-1] == expected and lines[-2].startswith("done: 80 steps")
+
+
+def test_dependence_warning_survives_resume(tmp, dependent_run):
+    """Resumed from step 40 (before the warning): the replayed log.jsonl makes it warn at the same
+    step with the same text as the uninterrupted run, once, and repeat it in the summary."""
+    path, out, _ = dependent_run
+    rout = tmp / "dependent-resumed"
+    rout.mkdir()
+    shutil.copytree(out / "step-40", rout / "step-40")
+    (rout / "log.jsonl").write_text("".join(line + "\n" for line in (out / "log.jsonl").read_text().splitlines()[:45]))
+    r = run_ok([*DEPENDENT, "--data", path, "--out", rout, "--resume"])
+    assert [x.get("warning") for x in log_records(rout)] == [x.get("warning") for x in log_records(out)]
+    assert warning_lines(r.stdout) == 2 * [f"warning: {x['warning']}" for x in log_records(out) if "warning" in x]
+
+
+def test_normal_run_does_not_warn(tmp_path, capsys):
+    """The paper's inner loop on 160 of the demo's conversations (60 steps, so the check could
+    fire): no warning in the output or the log."""
+    path = tmp_path / "demo160.jsonl"
+    path.write_text("".join((REPO / "examples" / "agentic.jsonl").read_text().splitlines(keepends=True)[:160]))
+    out = tmp_path / "out"
+    run_inprocess([*DEPENDENCE_RUN, "--max-length", 512, "--batch-size", 8, "--epochs", 3, "--data", path,
+                   "--out", out])
+    stdout = capsys.readouterr().out
+    recs = log_records(out)
+    assert len(recs) == 60 and flagged(recs) == 0 and not [x for x in recs if "warning" in x]
+    assert not warning_lines(stdout) and stdout.splitlines()[-1].startswith("done: 60 steps")
