@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import datetime
 import faulthandler
+import io
 import json
 import math
 import os
@@ -280,7 +281,9 @@ def setup(cfg: TrainConfig) -> Runtime:
     if cfg.dist_timeout <= 0:
         raise TrainError(f"--dist-timeout must be positive, not {cfg.dist_timeout:g}")
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack to this rank's stderr
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        # (not when stderr has no file descriptor: a run inside another program that captures it)
+        with contextlib.suppress(io.UnsupportedOperation, ValueError):
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
     watchdog = None
     if distributed:  # the backend's timeout backs up the watchdog's, which names the phase
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
