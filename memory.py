@@ -85,12 +85,17 @@ class MemShape:
     world: int  # processes
     ddp: bool  # under torchrun: DistributedDataParallel with gradient_as_bucket_view
     zero1: bool  # AdamW state sharded across the processes
+    fsdp: bool  # --fsdp: weights, gradients and AdamW state sharded (FSDP2, train.wrap_fsdp)
     accum: int  # micro-batches per optimizer step (--grad-accum)
     layer_params: int  # parameters of one decoder layer
 
     @property
     def grads_held(self) -> bool:  # gradients exist all step: DDP's buckets, or accumulated over micro-batches
-        return self.ddp or self.accum > 1
+        return self.ddp or self.accum > 1 or self.fsdp  # FSDP: their shards (1/world), see fsdp_rows
+
+    @property
+    def root_params(self) -> int:  # FSDP's root unit: embedding, lm_head (untied) and the final norm
+        return self.V * self.D * (1 if self.tied else 2) + self.D
 
     @property
     def T(self) -> int:  # tokens of the micro-batch
@@ -117,7 +122,7 @@ def memory_shape(cfg, config: Qwen2Config) -> MemShape:
     S, fc = cfg.max_length, cfg.focus
     cuda = torch.device(cfg.device or "cuda").type == "cuda"
     world = cfg.estimate.nproc
-    ddp = world > 1
+    ddp = world > 1 and not cfg.fsdp
     zero1 = ddp and (cfg.zero1 is None or cfg.zero1)
     n_adapted = len(focusft.adapted_layers(model, fc)) if fc.bilevel else 0
     N = min(cfg.batch_size * (S - 1), math.ceil(cfg.estimate.supervised_fraction * cfg.batch_size * (S - 1)))
@@ -127,7 +132,7 @@ def memory_shape(cfg, config: Qwen2Config) -> MemShape:
                     e=DTYPES[cfg.dtype].itemsize, cuda=cuda, masked=fc.bidirectional,
                     ckpt=cfg.grad_checkpointing, bilevel=fc.bilevel, inner_grad=fc.inner_grad,
                     inner_steps=fc.inner_steps, L_a=n_adapted, r=fc.lora_rank, chunk=fc.loss_chunk,
-                    params=groups, world=world, ddp=ddp, zero1=zero1, accum=cfg.grad_accum,
+                    params=groups, world=world, ddp=ddp, zero1=zero1, fsdp=cfg.fsdp, accum=cfg.grad_accum,
                     layer_params=sum(p.numel() for p in model.model.layers[0].parameters()))
 
 
@@ -209,6 +214,11 @@ def static_rows(m: MemShape) -> list[tuple[str, float]]:
     """Held for the whole step: weights, gradients, AdamW state (train.build_optimizer)."""
     P = sum(map(sum, m.params))
     dtype = "bf16" if m.e == 2 else "fp32"
+    if m.fsdp:  # every parameter cut in `world` shards along its first dimension
+        shard = fsdp_shard(m) * m.e
+        grads = [(f"gradients, FSDP: 1/{m.world} of them, summed over {m.accum} micro-batches", shard)]
+        return [(f"{dtype} weights, FSDP: 1/{m.world} of them", shard), *(grads if m.accum > 1 else []),
+                (f"AdamW m + v, {dtype} (FSDP: 1/{m.world} of them)", 2 * shard)]
     shards = zero1_shards(m.params, m.world) if m.zero1 else [[sum(g) for g in m.params]]
     where = f"ZeRO-1: the largest of {m.world} shards" if m.zero1 else "all parameters"
     rows = [(f"{dtype} weights", P * m.e)]
@@ -216,6 +226,41 @@ def static_rows(m: MemShape) -> list[tuple[str, float]]:
         rows.append(("gradients (" + ("= DDP's all-reduce buckets, gradient_as_bucket_view" if m.ddp else
                                       f"param.grad, summed over {m.accum} micro-batches") + ")", P * m.e))
     return rows + [(f"AdamW m + v, {dtype} ({where})", 2 * m.e * max(map(sum, shards)))]
+
+
+def fsdp_shard(m: MemShape) -> int:
+    """Elements of one rank's shard of the model: each parameter cut along its first dimension
+    (FSDP2 pads it to a multiple of `world`; Qwen2's sizes need no padding)."""
+    return sum(-(-n // m.world) for group in m.params for n in group)
+
+
+def fsdp_rows(m: MemShape, phase: str) -> list[tuple[str, float]]:
+    """--fsdp (train.wrap_fsdp): what a phase holds gathered beyond the shards. The root unit
+    (embedding, lm_head, final norm) is gathered from the first forward to the end of the outer
+    backward (the root does not reshard after its forward); a decoder layer is gathered while it
+    runs, with the neighbour its prefetch names (set_modules_to_*_prefetch), and in the inner
+    loop also the layer of the walk's previous recompute. In the outer backward a layer's full
+    gradient lives until its reduce-scatter (copied into a flat buffer first); lm_head's until
+    the root's, at the end, with the embedding's. With one micro-batch per step the gradients'
+    shards appear in the outer backward (zero_grads frees them after each step)."""
+    if not m.fsdp:
+        return []
+    layer, root, head = m.layer_params * m.e, m.root_params * m.e, m.V * m.D * m.e
+    gathered = {"inner loop": 3, "outer backward: the end": 0, "AdamW step": 0}.get(phase, 2)
+    rows = [] if phase == "AdamW step" else [("FSDP: the root unit gathered (embedding, lm_head, final norm)", root)]
+    if gathered:
+        rows.append((f"FSDP: {gathered} decoder layers gathered", gathered * layer))
+    if phase == "outer backward: layers":
+        rows.append(("FSDP: a layer's full gradients and their reduce-scatter buffer", 2 * layer))
+        if not m.tied:  # tied: outer_layers_rows counts it
+            rows.append(("FSDP: lm_head's full gradient, until the root's reduce-scatter", head))
+    if phase == "outer backward: the end":
+        rows.append(("FSDP: the root's full gradients and their reduce-scatter buffer", 2 * root))
+    if m.accum == 1 and phase in ("outer backward: layers", "outer backward: the end", "AdamW step"):
+        made = fsdp_shard(m) if phase != "outer backward: layers" else -(-m.layer_params // m.world)
+        rows.append(("FSDP: gradient shards made so far" if made < fsdp_shard(m) else
+                     f"FSDP: gradients, 1/{m.world} of them", made * m.e))
+    return rows
 
 
 def zero1_shards(groups: list[list[int]], world: int) -> list[list[int]]:
@@ -374,6 +419,8 @@ def optimizer_rows(m: MemShape) -> list[tuple[str, float]]:
     if m.cuda:
         return rows + [("AdamW step: fused kernel", 0)]
     shards = zero1_shards(m.params, m.world) if m.zero1 else [[sum(g) for g in m.params]]
+    if m.fsdp:
+        shards = [[sum(-(-n // m.world) for n in g) for g in m.params]]
     return rows + [("AdamW step: sqrt(v) of the largest param group (foreach)", m.e * max(max(s) for s in shards))]
 
 
@@ -386,8 +433,10 @@ def memory_phases(m: MemShape) -> dict[str, list[tuple[str, float]]]:
     phases["outer backward: layers"] = outer_layers_rows(m)
     if not m.grads_held:
         phases["outer backward: the lowest layer"] = outer_layers_rows(m, lowest=True)
+    if m.fsdp:
+        phases["outer backward: the end"] = step_input_rows(m) + fast_weight_rows(m)
     phases["AdamW step"] = optimizer_rows(m)
-    return phases
+    return {name: rows + fsdp_rows(m, name) for name, rows in phases.items()}
 
 
 def estimate_peak(m: MemShape) -> tuple[float, str]:
@@ -453,8 +502,8 @@ def memory_assumptions(m: MemShape) -> list[str]:
 
 def print_memory_estimate(cfg):
     """--estimate-memory: the itemised estimate per GPU, phase by phase, and the peak."""
-    if cfg.fsdp:
-        raise EstimateError("--estimate-memory covers DDP (with or without ZeRO-1) only, not --fsdp")
+    if cfg.fsdp and cfg.zero1:
+        raise EstimateError("--fsdp already shards the AdamW state; drop --zero1")
     if cfg.estimate.nproc < 1 or not 0 < cfg.estimate.supervised_fraction <= 1:
         raise EstimateError("--nproc must be >= 1 and --supervised-fraction in (0, 1]")
     config = estimate_model_config(cfg)
@@ -463,8 +512,8 @@ def print_memory_estimate(cfg):
     except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:  # sizes no model can have
         raise EstimateError(f"--model {cfg.model}: its config makes no Qwen2 model ({type(e).__name__}: {e})") from None
     fc = cfg.focus
-    run = (f"{m.world} processes: DDP" + (" + ZeRO-1" if m.zero1 else "") if m.ddp else
-           "1 process (python train.py: no DDP)")
+    run = (f"{m.world} processes: FSDP2" if m.fsdp else f"{m.world} processes: DDP" + (" + ZeRO-1" if m.zero1 else "")
+           if m.ddp else "1 process (python train.py: no DDP)")
     print(f"Estimated memory per GPU of one training step: --model {cfg.model} "
           f"({sum(map(sum, m.params)) / 1e9:.2f}B parameters), {run}")
     print(f"  {fc.method}, {cfg.dtype}, batch {m.B} x {m.S:,} tokens, {m.N:,} supervised positions"

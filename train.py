@@ -457,10 +457,17 @@ class FocuSFTStep(nn.Module):
 
 def wrap(model: Qwen2, cfg: TrainConfig, rt: Runtime) -> nn.Module:
     """The step as a module, inside DDP under torchrun. gradient_as_bucket_view: the gradients live
-    in DDP's all-reduce buckets instead of beside them (one model-sized buffer less)."""
+    in DDP's all-reduce buckets instead of beside them (one model-sized buffer less).
+
+    NOTE: under no_sync (every micro-batch but the last of a step) DDP's hooks do not run, so a
+    .grad that is None is made afresh by autograd, a second model-sized buffer next to the
+    buckets. So the gradients exist before DDP is built (it takes them over as views of its
+    buckets, the first step included) and zero_grads keeps them (zeroed, not freed)."""
     step_module = FocuSFTStep(model, cfg.focus)
     if not rt.distributed:
         return step_module
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
     return DDP(step_module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                gradient_as_bucket_view=True)
 
@@ -553,12 +560,20 @@ def train_step(step_module, model, optimizer, scheduler, batches, generator, cfg
     loss_value = totals[0].item()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # a finite loss may have an inf gradient
-        optimizer.zero_grad(set_to_none=True)
+        zero_grads(optimizer, step_module)
         raise NonFiniteStep(f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_norm})")
     optimizer.step()
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    zero_grads(optimizer, step_module)
     return StepStats(loss_value, grad_norm, totals[1].item(), totals[2].item(), int(totals[3]), int(totals[4]))
+
+
+def zero_grads(optimizer, step_module):
+    """After a step. Under DDP the gradients are views of its all-reduce buckets: zeroed in place,
+    so that the next step's micro-batches under no_sync accumulate into the buckets (see wrap).
+    Without DDP, and under FSDP (whose gradients are shards, 1/world of the model), they are
+    freed: they exist only from the first backward of a step to its optimizer step."""
+    optimizer.zero_grad(set_to_none=not isinstance(step_module, DDP))
 
 
 # -----------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import train
@@ -94,35 +96,64 @@ class StepPeak:
     from_start: int | None  # without DDP: the running sum of a profiler started before the model
 
 
-def measure_step_peak(model_config: Qwen2Config, cfg: train.TrainConfig, batch: dict, ddp: bool = True) -> StepPeak:
-    """Peak live CPU bytes during the third of three train.train_step calls on `batch`, under a
-    one-rank gloo DDP group (ddp) or as one process without torchrun (then measured both ways)."""
-    rt = train.Runtime(rank=0, world=1, device=torch.device("cpu"), distributed=ddp)
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (FSDP's parameters, gradients and AdamW state), else t."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def measure_step_peak(model_config: Qwen2Config, cfg: train.TrainConfig, batches: list[dict], ddp: bool = True,
+                      rank: int = 0, world: int = 1, store=None) -> StepPeak:
+    """Peak live CPU bytes of this rank during the third of three train.train_step calls on
+    `batches` (the step's micro-batches), under a gloo group of `world` ranks (ddp: DDP, ZeRO-1
+    if cfg asks, or FSDP2 if cfg.fsdp; one rank: a HashStore) or as one process without
+    torchrun (then measured both ways)."""
+    rt = train.Runtime(rank=rank, world=world, device=torch.device("cpu"), distributed=ddp)
     if ddp:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("gloo", store=store or dist.HashStore(), rank=rank, world_size=world)
     whole = profile(activities=[ProfilerActivity.CPU], profile_memory=True) if not ddp else None
     try:
         if whole:
             whole.start()
-        torch.manual_seed(cfg.seed)
-        model = Qwen2(model_config).to(train.DTYPES[cfg.dtype])
-        model.gradient_checkpointing = cfg.grad_checkpointing
-        step_module = train.wrap(model, cfg, rt)
+        if cfg.fsdp:
+            model, step_module = train.wrap_fsdp(cfg, rt, model_config)
+        else:
+            model = train.build_model(cfg, rt, model_config)
+            step_module = train.wrap(model, cfg, rt)
         optimizer, scheduler = train.build_optimizer(model, cfg, rt, total_steps=10)
         generator = torch.Generator().manual_seed(cfg.seed)
         for _ in range(2):
-            train.train_step(step_module, model, optimizer, scheduler, [batch], generator, cfg, rt)
+            train.train_step(step_module, model, optimizer, scheduler, batches, generator, cfg, rt)
         gc.collect()
         with contextlib.nullcontext(whole) if whole else profile(activities=[ProfilerActivity.CPU],
                                                                   profile_memory=True) as prof:
             with record_function(WINDOW):
-                train.train_step(step_module, model, optimizer, scheduler, [batch], generator, cfg, rt)
-        state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        held = live_bytes([*model.parameters(), *state, *batch.values()])
-        held += ddp_bucket_bytes(step_module) if ddp else 0
+                train.train_step(step_module, model, optimizer, scheduler, batches, generator, cfg, rt)
+        adamw = getattr(optimizer, "optim", optimizer)  # ZeRO-1: this rank's AdamW (its shard of the state)
+        state = [local(t) for s in adamw.state.values() for t in s.values() if torch.is_tensor(t)]
+        # the gradients at the step's start: DDP's buckets (.grad are views of them); none otherwise
+        held = live_bytes([*map(local, model.parameters()), *state, *(t for b in batches for t in b.values())])
+        held += ddp_bucket_bytes(step_module) if ddp and not cfg.fsdp else 0
     finally:
         if whole:
             whole.stop()
         if ddp:
             dist.destroy_process_group()
     return StepPeak(held + rise_in_window(prof), running_peak(prof) if whole else None)
+
+
+def _rank_main(rank: int, world: int, path: str, model_config, cfg, batches, results):
+    torch.set_num_threads(1)
+    store = dist.FileStore(path, world)
+    results[rank] = measure_step_peak(model_config, cfg, batches, ddp=True, rank=rank, world=world, store=store)
+
+
+def measure_ranks_peak(model_config: Qwen2Config, cfg: train.TrainConfig, batches: list[dict], world: int,
+                       tmp_path) -> list[StepPeak]:
+    """measure_step_peak on each of `world` gloo ranks, one process each (the same micro-batches on
+    every rank); their peaks, by rank."""
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_rank_main, args=(world, str(tmp_path / "store"), model_config, cfg, batches, results),
+                           nprocs=world, start_method="spawn")
+        return [results[r] for r in range(world)]

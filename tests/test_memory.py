@@ -25,7 +25,7 @@ import conftest
 import focusft
 import train
 from memory import EstimateConfig, estimate_model_config, estimate_peak, memory_shape
-from memtrack import measure_step_peak, synthetic_batch
+from memtrack import measure_ranks_peak, measure_step_peak, synthetic_batch
 from model import TINY, TINY_WORDS, Qwen2Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,34 +72,82 @@ def case_id(case) -> str:
     return f"{shape}-{dtype}-{method}-{'ckpt' if ckpt else 'nockpt'}-{how}-{'ddp' if ddp else 'noddp'}"
 
 
-def setup_case(shape: str, dtype: str, method: str, ckpt: bool, how: str):
-    """The model config, the flags (one micro-batch per step) and the micro-batch of a case."""
+def setup_case(shape: str, dtype: str, method: str, ckpt: bool, how: str, accum: int = 1, **flags):
+    """The model config, the flags (`accum` micro-batches per step; train.TrainConfig `flags`) and
+    the micro-batches of a case."""
     s = {**BASE, "frac": 1.0, "chunk": focusft.FocusConfig.loss_chunk, "tied": False, **SHAPES[shape]}
     model_config = Qwen2Config(vocab_size=s["V"], hidden_size=s["D"], intermediate_size=s["I"],
                                num_hidden_layers=s["L"], num_attention_heads=s["H"], num_key_value_heads=s["KVH"],
                                tie_word_embeddings=s["tied"], max_position_embeddings=1024)
     focus = focusft.FocusConfig(method=method, inner_grad=how, loss_chunk=s["chunk"])
     cfg = train.TrainConfig(dtype=dtype, grad_checkpointing=ckpt, batch_size=s["B"], max_length=s["S"],
-                            grad_accum=1, focus=focus, device="cpu",
+                            grad_accum=accum, focus=focus, device="cpu", **flags,
                             estimate=EstimateConfig(nproc=1, supervised_fraction=s["frac"]))
     n_supervised = memory_shape(cfg, model_config).N
-    return model_config, cfg, synthetic_batch(s["B"], s["S"], n_supervised, s["V"])
+    batches = [synthetic_batch(s["B"], s["S"], n_supervised, s["V"], seed=k) for k in range(accum)]
+    return model_config, cfg, batches
+
+
+def check_estimate(m, measured: int):
+    """The estimate for MemShape m within TOLERANCE of the measured peak (bytes); the error is printed."""
+    estimate, phase = estimate_peak(m)
+    error = estimate / measured - 1
+    report = f"estimate {estimate / 2**20:.3f} MiB (peak in {phase}) vs measured {measured / 2**20:.3f} MiB: {error:+.1%}"
+    print(report)
+    assert abs(error) < TOLERANCE, report
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_estimate_matches_measured_peak(case):
     *spec, ddp = case
-    model_config, cfg, batch = setup_case(*spec)
+    model_config, cfg, batches = setup_case(*spec)
     torch.set_num_threads(1)  # the estimate's CPU attention scratch is per thread
-    measured = measure_step_peak(model_config, cfg, batch, ddp=ddp)
+    measured = measure_step_peak(model_config, cfg, batches, ddp=ddp)
     if not ddp:  # the measurement itself: a profiler running from before the model agrees
         assert measured.from_start == pytest.approx(measured.held_plus_rise, rel=0.005)
     # nproc 1 means `python train.py` (no DDP); a one-rank torchrun run has DDP
-    m = replace(memory_shape(cfg, model_config), ddp=ddp)
-    estimate, phase = estimate_peak(m)
-    error = estimate / measured.held_plus_rise - 1
-    assert abs(error) < TOLERANCE, (f"estimate {estimate / 2**20:.3f} MiB (peak in {phase}) vs measured "
-                                    f"{measured.held_plus_rise / 2**20:.3f} MiB: {error:+.1%}")
+    check_estimate(replace(memory_shape(cfg, model_config), ddp=ddp), measured.held_plus_rise)
+
+
+# Gradient accumulation (under DDP the micro-batches before the last accumulate into its buckets)
+# and more than one rank: (shape, dtype, method, grad checkpointing, inner grad, micro-batches per
+# step, ranks, parallelism: none (no torchrun), ddp, zero1 (DDP + ZeRO-1) or fsdp)
+DIST_CASES = [
+    ("base", "fp32", "sft", True, "grad", 2, 1, "ddp"),
+    ("base", "fp32", "focusft", True, "grad", 4, 1, "ddp"),
+    ("base", "bf16", "focusft", False, "vjp", 2, 1, "ddp"),
+    ("base", "fp32", "sft", True, "grad", 2, 1, "none"),
+    ("base", "fp32", "focusft", True, "grad", 2, 2, "ddp"),
+    ("base", "fp32", "focusft", True, "grad", 2, 2, "zero1"),
+    ("tied", "bf16", "sft", False, "grad", 3, 2, "zero1"),
+    ("base", "fp32", "sft", True, "grad", 1, 2, "fsdp"),
+    ("base", "fp32", "focusft", True, "grad", 1, 2, "fsdp"),
+    ("base", "fp32", "focusft", True, "grad", 2, 2, "fsdp"),
+    ("wide", "bf16", "focusft", True, "vjp", 2, 2, "fsdp"),
+    ("base", "fp32", "focusft", False, "grad", 1, 2, "fsdp"),
+    ("tied", "fp32", "sft-bidir", False, "grad", 2, 2, "fsdp"),
+]
+
+
+def dist_case_id(case) -> str:
+    shape, dtype, method, ckpt, how, accum, world, parallel = case
+    return f"{shape}-{dtype}-{method}-{'ckpt' if ckpt else 'nockpt'}-{how}-accum{accum}-{parallel}{world}"
+
+
+@pytest.mark.parametrize("case", DIST_CASES, ids=dist_case_id)
+def test_estimate_matches_measured_peak_accum_and_ranks(case, tmp_path):
+    """The largest peak of the ranks against the estimate for a run of that many GPUs."""
+    *spec, accum, world, parallel = case
+    zero1 = {"zero1": True, "ddp": False}.get(parallel)  # DDP of 2 ranks is ZeRO-1 by default
+    model_config, cfg, batches = setup_case(*spec, accum=accum, zero1=zero1, fsdp=parallel == "fsdp")
+    torch.set_num_threads(1)
+    if world == 1:
+        measured = [measure_step_peak(model_config, cfg, batches, ddp=parallel != "none")]
+    else:
+        measured = measure_ranks_peak(model_config, cfg, batches, world, tmp_path)
+    cfg = replace(cfg, estimate=replace(cfg.estimate, nproc=world))
+    m = replace(memory_shape(cfg, model_config), ddp=parallel in ("ddp", "zero1"))
+    check_estimate(m, max(p.held_plus_rise for p in measured))
 
 
 SMALL_CONFIG = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 1000, "hidden_size": 64,
