@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 import data
 import focusft
+import health
 import train
 from model import TINY, ModelError, Qwen2, Qwen2Config
 
@@ -52,7 +53,7 @@ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
 
 # Flags shared by the runs: tiny model, fp32 on CPU, no warm-up (every step updates), an lr large
 # enough that a wrong gradient moves the weights visibly; a stuck 2-process run stops within 2 min
-# with the phase it was stuck in (train.Watchdog), before run_cli's timeout.
+# with the phase it was stuck in (health.Watchdog), before run_cli's timeout.
 BASE = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--max-length", "256", "--dist-timeout", "120",
         "--no-grad-checkpointing", "--warmup-ratio", "0", "--lr", "1e-3"]
 
@@ -453,7 +454,7 @@ def test_stuck_rank_stops_the_run_and_resumes(tmp, unequal_data):
     # faulthandler's dump of every thread of rank 0: the main thread in the loop, the watchdog's own
     stacks = dumped + stderr  # py-spy's dump, if installed, else faulthandler's on stderr
     assert re.search(r'train\.py", line \d+,? in train_loop|train_loop \(.*train\.py', stacks), stacks[-5000:]
-    assert re.search(r'train\.py", line \d+,? in _watch|_watch \(.*train\.py', stacks), stacks[-5000:]
+    assert re.search(r'health\.py", line \d+,? in _watch|_watch \(.*health\.py', stacks), stacks[-5000:]
     assert f"resuming from {last} at step" in resumed.stdout
     assert_weights_equal(tmp / "unstuck", out)
 
@@ -785,7 +786,7 @@ def test_tiny_words_model_trains_and_saves_its_tokenizer(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# The fast-weight dependence check (train.DependenceCheck)
+# The fast-weight dependence check (health.DependenceCheck)
 #
 # The failure it catches: the outer loss falls because the inner loop fits each batch, while the
 # plain model (the one saved and evaluated; its loss is `inner_first`) stays bad. Reproduced on the
@@ -833,7 +834,7 @@ def test_dependence_check_rule():
     """The rule on made-up losses, against its definition: 40 of the last 50 steps after warm-up
     with inner_first >= 3 x loss and >= 1 nat above it; once."""
     def first_warning(pairs, warmup=0):
-        check = train.DependenceCheck(warmup=warmup)
+        check = health.DependenceCheck(warmup=warmup)
         fired = [s for s, (loss, first) in enumerate(pairs, 1) if check.update(s, loss, first)]
         assert len(fired) <= 1
         return fired[0] if fired else None
