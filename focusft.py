@@ -391,11 +391,14 @@ def step_inputs(model, batch, cfg: FocusConfig):
     return h, model.rope(position_ids, h.dtype), mask, sel, targets
 
 
-def focusft_loss(model, batch, cfg: FocusConfig, generator: torch.Generator | None = None):
+def focusft_loss(model, batch, cfg: FocusConfig, generator: torch.Generator | None = None,
+                 by_layer: bool | None = None):
     """Outer loss of one micro-batch (Eq. 2) and inner-loop stats.
 
     batch: input_ids (B, S) long, attention_mask (B, S) bool (True = real token), loss_mask (B, S)
     bool (True = supervised response token). generator: seeds the fast-weight init (bilevel only).
+    by_layer: how the inner loop takes its gradients (see inner_loop; None: recompute the adapted
+    layers when model.gradient_checkpointing is on). Same numbers either way; it trades time for memory.
     Returns (loss, stats); loss.backward() gives the first-order FocuSFT gradient of the base
     weights. stats: {"inner_losses": (k,) tensor or None, "n_targets": N}. A micro-batch without
     response tokens gives loss 0 whose backward still reaches every parameter (with zeros).
@@ -411,7 +414,8 @@ def focusft_loss(model, batch, cfg: FocusConfig, generator: torch.Generator | No
     layers = adapted_layers(model, cfg)
     h_bottom = model.run_layers(h, rope, mask, 0, layers.start)  # once, with autograd, for both loops
     fast = init_fast_weights(model, cfg, generator)
-    fast, stats["inner_losses"] = inner_loop(model, h_bottom.detach(), rope, mask, sel, targets, fast, cfg)
+    fast, stats["inner_losses"] = inner_loop(model, h_bottom.detach(), rope, mask, sel, targets, fast, cfg,
+                                          by_layer)
     # First-order: the adapted fast weights are constants here (they carry no graph). With
     # activation checkpointing on, every layer is checkpointed, the adapted ones included.
     h = model.run_layers(h_bottom, rope, mask, layers.start, layers.stop, fast, cfg.fast_scale)

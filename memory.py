@@ -87,6 +87,11 @@ class MemShape:
     zero1: bool  # AdamW state sharded across the processes
     accum: int  # micro-batches per optimizer step (--grad-accum)
     layer_params: int  # parameters of one decoder layer
+    inner_recompute: bool | None = None  # the inner loop recomputes layer by layer (--inner-recompute); None: as ckpt
+
+    def __post_init__(self):
+        if self.inner_recompute is None:  # what focusft.inner_loop does when not told
+            self.inner_recompute = self.ckpt
 
     @property
     def grads_held(self) -> bool:  # gradients exist all step: DDP's buckets, or accumulated over micro-batches
@@ -128,7 +133,14 @@ def memory_shape(cfg, config: Qwen2Config) -> MemShape:
                     ckpt=cfg.grad_checkpointing, bilevel=fc.bilevel, inner_grad=fc.inner_grad,
                     inner_steps=fc.inner_steps, L_a=n_adapted, r=fc.lora_rank, chunk=fc.loss_chunk,
                     params=groups, world=world, ddp=ddp, zero1=zero1, accum=cfg.grad_accum,
-                    layer_params=sum(p.numel() for p in model.model.layers[0].parameters()))
+                    layer_params=sum(p.numel() for p in model.model.layers[0].parameters()),
+                    inner_recompute={"on": True, "off": False}.get(cfg.inner_recompute))
+
+
+def inner_loop_peak(cfg, config: Qwen2Config, recompute: bool) -> float:
+    """The estimated peak bytes per GPU of a run with these flags, the inner loop recomputing its
+    layers or keeping their activations (train.choose_inner_recompute asks for both)."""
+    return estimate_peak(replace(memory_shape(cfg, config), inner_recompute=recompute))[0]
 
 
 # --- one decoder layer (model.Block), bytes per token
@@ -257,7 +269,7 @@ def inner_loop_rows(m: MemShape) -> list[tuple[str, float]]:
     """The inner loop's peak (focusft.inner_loop), while the outer forward holds the bottom layers'
     graph (the adapted layers run again in the outer pass, after it)."""
     rows = outer_forward_rows(m, m.L - m.L_a, output=True) + step_input_rows(m)
-    return rows + (inner_by_layer_rows(m) if m.ckpt else inner_whole_stack_rows(m))
+    return rows + (inner_by_layer_rows(m) if m.inner_recompute else inner_whole_stack_rows(m))
 
 
 def inner_by_layer_rows(m: MemShape) -> list[tuple[str, float]]:
@@ -286,7 +298,7 @@ def inner_fast_rows(m: MemShape) -> list[tuple[str, float]]:
 
 
 def inner_whole_stack_rows(m: MemShape) -> list[tuple[str, float]]:
-    """focusft.inner_grads_whole_stack (checkpointing off): one transform over the adapted layers
+    """focusft.inner_grads_whole_stack (--inner-recompute off): one transform over the adapted layers
     and the loss over all N positions at once. It peaks in the loss's backward, with every adapted
     layer's activations kept, or later: under torch.func.grad the layers' backward graphs stay
     until the transform returns; under vjp, the top layer's backward."""
@@ -471,7 +483,9 @@ def print_memory_estimate(cfg):
           + (" (all: the worst case)" if m.N == m.B * (m.S - 1) else "")
           + f", grad accumulation {m.accum}, activation checkpointing {'on' if m.ckpt else 'off'}")
     print(f"  loss chunk {fc.loss_chunk}" + (f", inner grad {fc.inner_grad}, {fc.inner_steps} inner steps on "
-                                             f"{m.L_a} adapted layers, LoRA rank {m.r}" if m.bilevel else ""))
+                                             f"{m.L_a} adapted layers, LoRA rank {m.r}, the inner loop "
+                                             + ("recomputing its layers" if m.inner_recompute else "keeping its activations")
+                                             + f" (--inner-recompute {cfg.inner_recompute})" if m.bilevel else ""))
     for line in memory_assumptions(m):
         print(f"  {line}")
     static = static_rows(m)
@@ -487,3 +501,7 @@ def print_memory_estimate(cfg):
             print(f"    {label:<76} {b / GiB:7.2f}")
     peak = sum(b for _, b in static) + totals[worst]
     print(f"\npeak per GPU: {peak / GiB:.1f} GiB")
+    if m.bilevel and cfg.inner_recompute == "auto":  # train.choose_inner_recompute
+        keep, recompute = (estimate_peak(replace(m, inner_recompute=r))[0] / GiB for r in (False, True))
+        print(f"--inner-recompute auto: {keep:.1f} GiB keeping the inner loop's activations, {recompute:.1f} GiB "
+              f"recomputing; a run keeps them when the first fits 85 % of its device's memory")

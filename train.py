@@ -91,6 +91,10 @@ class TrainConfig:
     seed: int = 1234
     dtype: str = "bf16"  # bf16 (weights in bfloat16, as the authors) | fp32
     grad_checkpointing: bool = True
+    # The inner loop's own checkpointing (same numbers, see choose_inner_recompute): "on" recomputes the
+    # adapted layers one at a time (focusft.inner_grads_by_layer), "off" keeps their activations (faster),
+    # "auto" keeps them when the estimated peak (memory.py) fits the device.
+    inner_recompute: str = "auto"
     group_by_length: bool = False
     zero1: bool | None = None  # shard the AdamW state across ranks; None: on when more than one process
     fsdp: bool = False  # shard weights, gradients and AdamW state across ranks (FSDP2; torchrun only)
@@ -125,7 +129,8 @@ PRESETS = {
 
 CHOICES = {"method": list(focusft.METHODS), "dtype": list(DTYPES), "loss_norm": ["mean", "tokens"],
            "clip_mode": ["per-tensor", "global"], "inner_grad": ["grad", "vjp"],
-           "truncation": list(data.TRUNCATION_POLICIES), "backend": ["", "nccl", "gloo"]}
+           "truncation": list(data.TRUNCATION_POLICIES), "backend": ["", "nccl", "gloo"],
+           "inner_recompute": ["auto", "on", "off"]}
 FOCUS_FLAGS = [f for f in fields(focusft.FocusConfig) if f.name != "targets"]
 ESTIMATE_FLAGS = list(fields(memory.EstimateConfig))  # --estimate-memory's own (memory.py)
 HELP = {  # flags whose default alone does not say what they do
@@ -137,6 +142,8 @@ HELP = {  # flags whose default alone does not say what they do
     "method": "the paper's 2x2 ablation (Table 3)",
     "inner_grad": "grad: torch.func.grad; vjp: the same gradients, less memory",
     "loss_chunk": "supervised positions per piece of the cross-entropy (bounds the N x vocab log-probs)",
+    "inner_recompute": "the inner loop: recompute the adapted layers one at a time (on: least memory), keep their "
+                       "activations (off: faster), or keep them when the estimated peak fits the device (auto)",
     "save_every": "write OUT/step-N/ (with optimizer and RNG state) every N optimizer steps; 0: final model only",
     **memory.HELP,
 }
@@ -308,6 +315,66 @@ def random_config(cfg: TrainConfig, tokenizer) -> Qwen2Config:
     return Qwen2Config(**dict(TINY_WORDS, vocab_size=vocab, eos_token_id=tokenizer.eos_token_id))
 
 
+def source_config(source: Path | Qwen2Config) -> Qwen2Config:
+    """The config of a checkpoint directory (its config.json) or of a random model."""
+    return Qwen2Config.from_hf(json.loads((source / "config.json").read_text())) if isinstance(source, Path) else source
+
+
+def device_memory(rt: Runtime) -> tuple[float, str]:
+    """Bytes this process may use and what they are: the GPU's total memory, or on CPU the memory
+    the machine has available now (/proc/meminfo's MemAvailable), shared by the local processes."""
+    if rt.device.type == "cuda":
+        return torch.cuda.get_device_properties(rt.device).total_memory, "the GPU's total memory"
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        free = kib * 1024
+    except (OSError, StopIteration, ValueError):  # not Linux: free physical pages
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return free / local, "available memory" + (f" / {local} processes" if local > 1 else "")
+
+
+INNER_HEADROOM = 0.85  # share of the device's memory the estimate may fill (the CUDA context, fragmentation)
+INNER_WAYS = {True: "recomputes the adapted layers one at a time (least memory)",
+              False: "keeps the adapted layers' activations (faster)"}
+
+
+def choose_inner_recompute(cfg: TrainConfig, rt: Runtime, config: Qwen2Config) -> TrainConfig:
+    """Resolve --inner-recompute auto to on or off, and log the choice (the run's first lines).
+
+    Keeping the inner loop's activations saves one forward of the adapted layers per inner step;
+    recomputing them is what lets long sequences fit. auto keeps them when memory.py's estimated
+    peak per GPU with them fits INNER_HEADROOM of the device's memory (the smallest over the ranks,
+    so that all ranks choose alike: under --fsdp their collectives must match)."""
+    if not cfg.focus.bilevel:
+        return cfg
+    if cfg.inner_recompute != "auto":
+        rt.log(f"inner loop: --inner-recompute {cfg.inner_recompute}: " + INNER_WAYS[cfg.inner_recompute == "on"])
+        return cfg
+    shape = replace(cfg, device=rt.device.type, estimate=replace(cfg.estimate, nproc=rt.world))
+    keep, recompute = (memory.inner_loop_peak(shape, config, r) for r in (False, True))
+    available, what = device_memory(rt)
+    if rt.distributed:
+        smallest = torch.tensor([available], dtype=torch.float64, device=rt.device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        available = smallest.item()
+    budget = INNER_HEADROOM * available
+    choice = "off" if keep <= budget else "on"
+    gib = memory.GiB
+    rt.log(f"inner loop: --inner-recompute auto chose {choice}: " + INNER_WAYS[choice == "on"])
+    rt.log(f"  estimated peak per {rt.device.type.upper()} device: {keep / gib:.3g} GiB keeping the activations, "
+           f"{recompute / gib:.3g} GiB recomputing; budget {budget / gib:.3g} GiB "
+           f"({INNER_HEADROOM:.0%} of {available / gib:.3g} GiB, {what})")
+    return replace(cfg, inner_recompute=choice)
+
+
+def inner_by_layer(cfg: TrainConfig) -> bool | None:
+    """focusft_loss's by_layer for --inner-recompute: on True, off False; auto (not yet resolved by
+    choose_inner_recompute, e.g. in benchmarks) None: recompute when activation checkpointing is on."""
+    return {"on": True, "off": False}.get(cfg.inner_recompute)
+
+
 def build_model(cfg: TrainConfig, rt: Runtime, source: Path | Qwen2Config) -> Qwen2:
     """From a checkpoint directory, or a random model of the given config (the same init on every rank)."""
     dtype = DTYPES[cfg.dtype]
@@ -364,14 +431,14 @@ class FocuSFTStep(nn.Module):
     NOTE: DDP only all-reduces the gradients of a backward that follows the wrapper's forward;
     calling focusft_loss(model, ...) directly under DDP would silently skip the all-reduce."""
 
-    def __init__(self, model: Qwen2, fcfg: focusft.FocusConfig):
+    def __init__(self, model: Qwen2, fcfg: focusft.FocusConfig, by_layer: bool | None = None):
         super().__init__()
-        self.model, self.fcfg = model, fcfg
+        self.model, self.fcfg, self.by_layer = model, fcfg, by_layer  # by_layer: see inner_by_layer
         self.sharded = False  # True once wrap_fsdp has made this module FSDP's root
 
     def forward(self, batch, generator):
         if not self.sharded:
-            return focusft.focusft_loss(self.model, batch, self.fcfg, generator)
+            return focusft.focusft_loss(self.model, batch, self.fcfg, generator, self.by_layer)
         # NOTE: the inner loop's backward (torch.func) runs inside this forward and passes FSDP's
         # hooks on the adapted blocks; at its end FSDP's root post-backward callback reshards every
         # group, by default the root's too (embedding, final norm, lm_head), and the next inner
@@ -381,7 +448,7 @@ class FocuSFTStep(nn.Module):
         self.set_reshard_after_backward(False, recurse=False)
         self.set_is_last_backward(False)
         try:
-            return focusft.focusft_loss(self.model, batch, self.fcfg, generator)
+            return focusft.focusft_loss(self.model, batch, self.fcfg, generator, self.by_layer)
         finally:
             self.set_reshard_after_backward(True, recurse=False)
             self.set_is_last_backward(True)
@@ -390,7 +457,7 @@ class FocuSFTStep(nn.Module):
 def wrap(model: Qwen2, cfg: TrainConfig, rt: Runtime) -> nn.Module:
     """The step as a module, inside DDP under torchrun. gradient_as_bucket_view: the gradients live
     in DDP's all-reduce buckets instead of beside them (one model-sized buffer less)."""
-    step_module = FocuSFTStep(model, cfg.focus)
+    step_module = FocuSFTStep(model, cfg.focus, inner_by_layer(cfg))
     if not rt.distributed:
         return step_module
     return DDP(step_module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
@@ -407,16 +474,13 @@ def wrap_fsdp(cfg: TrainConfig, rt: Runtime, source: Path | Qwen2Config) -> tupl
     and backward of the top-down walk, per inner step) and by the outer pass; the others only by
     the outer pass. At most the root and a few blocks are unsharded at once."""
     full = build_model(cfg, replace(rt, device=torch.device("cpu")), source) if rt.main else None
-    if isinstance(source, Path):
-        config = Qwen2Config.from_hf(json.loads((source / "config.json").read_text()))
-    else:
-        config = source
+    config = source_config(source)
     with torch.device("meta"):
         model = Qwen2(config).to(DTYPES[cfg.dtype])
     model.config.torch_dtype = str(DTYPES[cfg.dtype]).replace("torch.", "")
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.source_dir = full.source_dir if rt.main else None
-    step_module = FocuSFTStep(model, cfg.focus)
+    step_module = FocuSFTStep(model, cfg.focus, inner_by_layer(cfg))
     mesh = init_device_mesh(rt.device.type, (rt.world,))
     blocks = list(model.model.layers)
     for block in blocks:
@@ -695,8 +759,9 @@ def main(cfg: TrainConfig):
     rt = setup(cfg)
     out, resume_from = prepare_output(cfg, rt)
     tokenizer, model_dir = load_tokenizer(cfg)
-    plan = plan_data(cfg, tokenizer, rt)
     source = resume_from or model_dir or random_config(cfg, tokenizer)
+    cfg = choose_inner_recompute(cfg, rt, source_config(source))
+    plan = plan_data(cfg, tokenizer, rt)
     if cfg.fsdp:
         model, step_module = wrap_fsdp(cfg, rt, source)
     else:

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 import data
 import focusft
+import memory
 import train
 from model import TINY, ModelError, Qwen2, Qwen2Config
 
@@ -376,6 +377,35 @@ def test_grad_accumulation_equals_one_batch(tmp, unequal_data, equal_data):
     init = Qwen2(Qwen2Config(**TINY)).state_dict()
     w = weights(tmp / "acc-mean-a4")
     assert (w["model.layers.0.mlp.up_proj.weight"] - init["model.layers.0.mlp.up_proj.weight"]).abs().max() > 1e-4
+
+
+def test_inner_recompute_auto_follows_the_estimate(tmp, unequal_data, monkeypatch, capsys):
+    """--inner-recompute auto keeps the inner loop's activations exactly when memory.py's estimated
+    peak with them fits 85 % of the device's memory (device_memory patched to just above and just
+    below), says so in the run's first log lines with both estimated peaks, and both choices train
+    the same run. --no-grad-checkpointing (BASE): the inner loop's choice is its own."""
+    args = [*BASE, "--method", "focusft", "--data", unequal_data, "--batch-size", 2, "--grad-accum", 1,
+            "--max-steps", 2]
+    cfg = train.parse_args([str(a) for a in args + ["--nproc", 1]])  # the estimate of a 1-process run
+    keep, recompute = (memory.inner_loop_peak(cfg, Qwen2Config(**TINY), r) for r in (False, True))
+    calls = []
+    by_layer = focusft.inner_grads_by_layer
+    monkeypatch.setattr(focusft, "inner_grads_by_layer", lambda *a: calls.append(1) or by_layer(*a))
+    outs = {}
+    for fits, want in ((1.01, "off"), (0.99, "on")):
+        monkeypatch.setattr(train, "device_memory", lambda rt, fits=fits: (fits * keep / 0.85, "patched"))
+        calls.clear()
+        outs[want] = tmp / f"auto-{want}"
+        run_inprocess([*args, "--out", outs[want]])
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith(f"inner loop: --inner-recompute auto chose {want}: "), lines[:2]
+        assert (f"{keep / 2**30:.3g} GiB keeping the activations, {recompute / 2**30:.3g} GiB recomputing; "
+                f"budget {fits * keep / 2**30:.3g} GiB") in lines[1], lines[1]
+        assert bool(calls) == (want == "on")
+    assert_same_run(outs["off"], outs["on"])
+    run_inprocess([*args, "--inner-recompute", "on", "--out", tmp / "explicit-on"])
+    assert capsys.readouterr().out.startswith("inner loop: --inner-recompute on: recomputes the adapted layers")
+    assert_same_run(outs["on"], tmp / "explicit-on")
 
 
 # -----------------------------------------------------------------------------
