@@ -271,8 +271,8 @@ def activation_checkpointing_off(model):
 def inner_grads_whole_stack(model, h_bottom, rope, mask, sel, targets, fast, cfg: FocusConfig):
     """grad_phi L_inner and L_inner of Eq. 3 in one torch.func transform over the adapted layers,
     the final norm and the head: the straightforward form. It keeps the activations of every
-    adapted layer and all N x V log-probabilities until the backward (used when activation
-    checkpointing is off)."""
+    adapted layer and all N x V log-probabilities until the backward (train.py --inner-recompute
+    off; the default without activation checkpointing)."""
     layers = adapted_layers(model, cfg)
 
     def loss_of(fast):
@@ -313,7 +313,8 @@ def inner_grads_by_layer(model, h_bottom, rope, mask, sel, targets, fast, cfg: F
          the layer below (the chain rule, one layer at a time).
 
     Holds one layer's activations plus one (B, S, D) tensor per adapted layer, for one extra
-    forward of the adapted layers (used when activation checkpointing is on)."""
+    forward of the adapted layers (train.py --inner-recompute on; the default with activation
+    checkpointing)."""
     layers = adapted_layers(model, cfg)
     inputs, h = [], h_bottom
     for i in layers:
@@ -343,8 +344,8 @@ def inner_loop(model, h_bottom, rope, mask, sel, targets, fast, cfg: FocusConfig
     phi). Gradients are taken with torch.func w.r.t. the fast weights only, under no_grad: no
     autograd graph to the base weights is built or kept. They come layer by layer
     (inner_grads_by_layer: little memory) if by_layer, by default when model.gradient_checkpointing
-    is on, otherwise from one transform (inner_grads_whole_stack: simplest); the numbers are the
-    same. A step whose loss is not finite is skipped, without a host sync. Returns (adapted fast
+    is on, otherwise from one transform (inner_grads_whole_stack: simplest, one forward less per
+    step); the numbers are the same (train.py chooses with --inner-recompute). A step whose loss is not finite is skipped, without a host sync. Returns (adapted fast
     weights, (k,) inner losses: the loss before each update)."""
     by_layer = model.gradient_checkpointing if by_layer is None else by_layer
     grads_and_loss = inner_grads_by_layer if by_layer else inner_grads_whole_stack
