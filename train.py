@@ -346,7 +346,8 @@ def choose_inner_recompute(cfg: TrainConfig, rt: Runtime, config: Qwen2Config) -
     Keeping the inner loop's activations saves one forward of the adapted layers per inner step;
     recomputing them is what lets long sequences fit. auto keeps them when memory.py's estimated
     peak per GPU with them fits INNER_HEADROOM of the device's memory (the smallest over the ranks,
-    so that all ranks choose alike: under --fsdp their collectives must match)."""
+    so that all ranks choose alike: under --fsdp their collectives must match). NOTE: the estimate
+    is DDP's; under --fsdp, which shards more, it is an upper bound."""
     if not cfg.focus.bilevel:
         return cfg
     if cfg.inner_recompute != "auto":
