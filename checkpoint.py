@@ -6,16 +6,23 @@ saves back unchanged and opens in transformers.
 `load_pretrained(path_or_hub_id)` builds the model on the meta device and assigns the tensors, so
 a 7B model never exists twice in memory; `save_pretrained(model, out_dir)` writes atomically (a
 temporary directory, then a rename). `Qwen2.from_pretrained` and `model.save_pretrained` call them.
+
+The end of the file holds what train.py needs of a run's output directory: its OUT/step-N/
+checkpoints (the newest, published by atomic renames), every RNG state for an exact resume, and
+OUT/log.jsonl cut back to the step a resumed run continues from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from model import ModelError, Qwen2, Qwen2Config
@@ -161,3 +168,65 @@ def read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
     for f in files:
         state.update(load_file(path / f, device=str(device)))
     return state
+
+
+# -----------------------------------------------------------------------------
+# A training run's output directory (train.py): OUT/step-N/ directories, each an HF checkpoint
+# plus train_state.pt (optimizer, schedule, position and every rank's RNG state), and OUT/log.jsonl
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    """The newest complete out/step-N/ (directories appear by atomic rename, so complete = present)."""
+    steps = [(int(p.name[5:]), p) for p in out.glob("step-*") if p.name[5:].isdigit() and (p / "train_state.pt").is_file()]
+    return max(steps)[1] if steps else None
+
+
+def publish(src: Path, out: Path):
+    """Move a finished checkpoint's files into `out`, one atomic rename each, config.json last
+    (a directory without config.json is not a loadable checkpoint), then drop `src`."""
+    names = sorted(p.name for p in src.iterdir())
+    for name in [n for n in names if n != "config.json"] + ["config.json"]:
+        os.replace(src / name, out / name)
+    src.rmdir()
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+             "fast_weights": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    generator.set_state(state["fast_weights"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def last_saved(out: Path | None) -> str:
+    """What an error says about what the run has written so far."""
+    if out and (out / "config.json").is_file():  # published last by finish
+        return f"The final model is in {out}/."
+    last = newest_checkpoint(out) if out else None
+    return f"Last checkpoint: {last}" if last else "No checkpoint was written yet."
+
+
+def read_log(log_path: Path, last_step: int) -> list[dict]:
+    """The records of OUT/log.jsonl up to step `last_step`, skipping a line cut short by an interruption."""
+    if not log_path.is_file():
+        return []
+    records = []
+    for line in log_path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return [r for r in records if r["step"] <= last_step]
+
+
+def trim_log(log_path: Path, last_step: int):
+    """Drop the log lines of steps after `last_step` (they run again after a resume)."""
+    if log_path.is_file():
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in read_log(log_path, last_step)))

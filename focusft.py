@@ -271,8 +271,8 @@ def activation_checkpointing_off(model):
 def inner_grads_whole_stack(model, h_bottom, rope, mask, sel, targets, fast, cfg: FocusConfig):
     """grad_phi L_inner and L_inner of Eq. 3 in one torch.func transform over the adapted layers,
     the final norm and the head: the straightforward form. It keeps the activations of every
-    adapted layer and all N x V log-probabilities until the backward (used when activation
-    checkpointing is off)."""
+    adapted layer and all N x V log-probabilities until the backward (train.py --inner-recompute
+    off; the default without activation checkpointing)."""
     layers = adapted_layers(model, cfg)
 
     def loss_of(fast):
@@ -313,7 +313,8 @@ def inner_grads_by_layer(model, h_bottom, rope, mask, sel, targets, fast, cfg: F
          the layer below (the chain rule, one layer at a time).
 
     Holds one layer's activations plus one (B, S, D) tensor per adapted layer, for one extra
-    forward of the adapted layers (used when activation checkpointing is on)."""
+    forward of the adapted layers (train.py --inner-recompute on; the default with activation
+    checkpointing)."""
     layers = adapted_layers(model, cfg)
     inputs, h = [], h_bottom
     for i in layers:
@@ -343,8 +344,8 @@ def inner_loop(model, h_bottom, rope, mask, sel, targets, fast, cfg: FocusConfig
     phi). Gradients are taken with torch.func w.r.t. the fast weights only, under no_grad: no
     autograd graph to the base weights is built or kept. They come layer by layer
     (inner_grads_by_layer: little memory) if by_layer, by default when model.gradient_checkpointing
-    is on, otherwise from one transform (inner_grads_whole_stack: simplest); the numbers are the
-    same. A step whose loss is not finite is skipped, without a host sync. Returns (adapted fast
+    is on, otherwise from one transform (inner_grads_whole_stack: simplest, one forward less per
+    step); the numbers are the same (train.py chooses with --inner-recompute). A step whose loss is not finite is skipped, without a host sync. Returns (adapted fast
     weights, (k,) inner losses: the loss before each update)."""
     by_layer = model.gradient_checkpointing if by_layer is None else by_layer
     grads_and_loss = inner_grads_by_layer if by_layer else inner_grads_whole_stack
@@ -391,11 +392,14 @@ def step_inputs(model, batch, cfg: FocusConfig):
     return h, model.rope(position_ids, h.dtype), mask, sel, targets
 
 
-def focusft_loss(model, batch, cfg: FocusConfig, generator: torch.Generator | None = None):
+def focusft_loss(model, batch, cfg: FocusConfig, generator: torch.Generator | None = None,
+                 by_layer: bool | None = None):
     """Outer loss of one micro-batch (Eq. 2) and inner-loop stats.
 
     batch: input_ids (B, S) long, attention_mask (B, S) bool (True = real token), loss_mask (B, S)
     bool (True = supervised response token). generator: seeds the fast-weight init (bilevel only).
+    by_layer: how the inner loop takes its gradients (see inner_loop; None: recompute the adapted
+    layers when model.gradient_checkpointing is on). Same numbers either way; it trades time for memory.
     Returns (loss, stats); loss.backward() gives the first-order FocuSFT gradient of the base
     weights. stats: {"inner_losses": (k,) tensor or None, "n_targets": N}. A micro-batch without
     response tokens gives loss 0 whose backward still reaches every parameter (with zeros).
@@ -411,7 +415,8 @@ def focusft_loss(model, batch, cfg: FocusConfig, generator: torch.Generator | No
     layers = adapted_layers(model, cfg)
     h_bottom = model.run_layers(h, rope, mask, 0, layers.start)  # once, with autograd, for both loops
     fast = init_fast_weights(model, cfg, generator)
-    fast, stats["inner_losses"] = inner_loop(model, h_bottom.detach(), rope, mask, sel, targets, fast, cfg)
+    fast, stats["inner_losses"] = inner_loop(model, h_bottom.detach(), rope, mask, sel, targets, fast, cfg,
+                                          by_layer)
     # First-order: the adapted fast weights are constants here (they carry no graph). With
     # activation checkpointing on, every layer is checkpointed, the adapted ones included.
     h = model.run_layers(h_bottom, rope, mask, layers.start, layers.stop, fast, cfg.fast_scale)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -88,6 +89,11 @@ class MemShape:
     fsdp: bool  # --fsdp: weights, gradients and AdamW state sharded (FSDP2, train.wrap_fsdp)
     accum: int  # micro-batches per optimizer step (--grad-accum)
     layer_params: int  # parameters of one decoder layer
+    inner_recompute: bool | None = None  # the inner loop recomputes layer by layer (--inner-recompute); None: as ckpt
+
+    def __post_init__(self):
+        if self.inner_recompute is None:  # what focusft.inner_loop does when not told
+            self.inner_recompute = self.ckpt
 
     @property
     def grads_held(self) -> bool:  # gradients exist all step: DDP's buckets, or accumulated over micro-batches
@@ -133,7 +139,62 @@ def memory_shape(cfg, config: Qwen2Config) -> MemShape:
                     ckpt=cfg.grad_checkpointing, bilevel=fc.bilevel, inner_grad=fc.inner_grad,
                     inner_steps=fc.inner_steps, L_a=n_adapted, r=fc.lora_rank, chunk=fc.loss_chunk,
                     params=groups, world=world, ddp=ddp, zero1=zero1, fsdp=cfg.fsdp, accum=cfg.grad_accum,
-                    layer_params=sum(p.numel() for p in model.model.layers[0].parameters()))
+                    layer_params=sum(p.numel() for p in model.model.layers[0].parameters()),
+                    inner_recompute={"on": True, "off": False}.get(cfg.inner_recompute))
+
+
+def inner_loop_peak(cfg, config: Qwen2Config, recompute: bool) -> float:
+    """The estimated peak bytes per GPU of a run with these flags, the inner loop recomputing its
+    layers or keeping their activations (train.choose_inner_recompute asks for both)."""
+    return estimate_peak(replace(memory_shape(cfg, config), inner_recompute=recompute))[0]
+
+
+def device_memory(device: torch.device) -> tuple[float, str]:
+    """Bytes this process may use and what they are: the GPU's total memory, or on CPU the memory
+    the machine has available now (/proc/meminfo's MemAvailable), shared by the local processes."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, "the GPU's total memory"
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        free = kib * 1024
+    except (OSError, StopIteration, ValueError):  # not Linux: free physical pages
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return free / local, "available memory" + (f" / {local} processes" if local > 1 else "")
+
+
+  # share of the device's memory the estimate may fill (the CUDA context, fragmentation)
+
+
+INNER_HEADROOM = 0.85  # share of the device's memory an estimate may fill (the CUDA context, fragmentation)
+
+
+INNER_WAYS = {True: "recomputes the adapted layers one at a time (least memory)",
+              False: "keeps the adapted layers' activations (faster)"}
+
+
+def resolve_inner_recompute(cfg, config: Qwen2Config, device: str, world: int, available: float, what: str,
+                            log=print):
+    """The flags with --inner-recompute auto resolved to on or off; the choice is logged.
+
+    Keeping the inner loop's activations saves one forward of the adapted layers per inner step;
+    recomputing them is what lets long sequences fit. auto keeps them when the estimated peak per
+    GPU with them (this run's shape on `world` ranks) fits INNER_HEADROOM of `available` bytes."""
+    if not cfg.focus.bilevel:
+        return cfg
+    if cfg.inner_recompute != "auto":
+        log(f"inner loop: --inner-recompute {cfg.inner_recompute}: " + INNER_WAYS[cfg.inner_recompute == "on"])
+        return cfg
+    shape = replace(cfg, device=device, estimate=replace(cfg.estimate, nproc=world))
+    keep, recompute = (inner_loop_peak(shape, config, r) for r in (False, True))
+    budget = INNER_HEADROOM * available
+    choice = "off" if keep <= budget else "on"
+    log(f"inner loop: --inner-recompute auto chose {choice}: " + INNER_WAYS[choice == "on"])
+    log(f"  estimated peak per {device.upper()} device: {keep / GiB:.3g} GiB keeping the activations, "
+        f"{recompute / GiB:.3g} GiB recomputing; budget {budget / GiB:.3g} GiB "
+        f"({INNER_HEADROOM:.0%} of {available / GiB:.3g} GiB, {what})")
+    return replace(cfg, inner_recompute=choice)
 
 
 # --- one decoder layer (model.Block), bytes per token
@@ -302,7 +363,7 @@ def inner_loop_rows(m: MemShape) -> list[tuple[str, float]]:
     """The inner loop's peak (focusft.inner_loop), while the outer forward holds the bottom layers'
     graph (the adapted layers run again in the outer pass, after it)."""
     rows = outer_forward_rows(m, m.L - m.L_a, output=True) + step_input_rows(m)
-    return rows + (inner_by_layer_rows(m) if m.ckpt else inner_whole_stack_rows(m))
+    return rows + (inner_by_layer_rows(m) if m.inner_recompute else inner_whole_stack_rows(m))
 
 
 def inner_by_layer_rows(m: MemShape) -> list[tuple[str, float]]:
@@ -331,7 +392,7 @@ def inner_fast_rows(m: MemShape) -> list[tuple[str, float]]:
 
 
 def inner_whole_stack_rows(m: MemShape) -> list[tuple[str, float]]:
-    """focusft.inner_grads_whole_stack (checkpointing off): one transform over the adapted layers
+    """focusft.inner_grads_whole_stack (--inner-recompute off): one transform over the adapted layers
     and the loss over all N positions at once. It peaks in the loss's backward, with every adapted
     layer's activations kept, or later: under torch.func.grad the layers' backward graphs stay
     until the transform returns; under vjp, the top layer's backward."""
@@ -520,7 +581,9 @@ def print_memory_estimate(cfg):
           + (" (all: the worst case)" if m.N == m.B * (m.S - 1) else "")
           + f", grad accumulation {m.accum}, activation checkpointing {'on' if m.ckpt else 'off'}")
     print(f"  loss chunk {fc.loss_chunk}" + (f", inner grad {fc.inner_grad}, {fc.inner_steps} inner steps on "
-                                             f"{m.L_a} adapted layers, LoRA rank {m.r}" if m.bilevel else ""))
+                                             f"{m.L_a} adapted layers, LoRA rank {m.r}, the inner loop "
+                                             + ("recomputing its layers" if m.inner_recompute else "keeping its activations")
+                                             + f" (--inner-recompute {cfg.inner_recompute})" if m.bilevel else ""))
     for line in memory_assumptions(m):
         print(f"  {line}")
     static = static_rows(m)
@@ -536,3 +599,7 @@ def print_memory_estimate(cfg):
             print(f"    {label:<76} {b / GiB:7.2f}")
     peak = sum(b for _, b in static) + totals[worst]
     print(f"\npeak per GPU: {peak / GiB:.1f} GiB")
+    if m.bilevel and cfg.inner_recompute == "auto":  # train.choose_inner_recompute
+        keep, recompute = (estimate_peak(replace(m, inner_recompute=r))[0] / GiB for r in (False, True))
+        print(f"--inner-recompute auto: {keep:.1f} GiB keeping the inner loop's activations, {recompute:.1f} GiB "
+              f"recomputing; a run keeps them when the first fits 85 % of its device's memory")

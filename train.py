@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -34,23 +33,18 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import focusft
+import fsdp
 import health
 import memory
-from checkpoint import resolve_checkpoint
+import checkpoint
 from model import DTYPES, TINY, TINY_WORDS, ModelError, Qwen2, Qwen2Config, param_groups
 
 
@@ -96,6 +90,10 @@ class TrainConfig:
     seed: int = 1234
     dtype: str = "bf16"  # bf16 (weights in bfloat16, as the authors) | fp32
     grad_checkpointing: bool = True
+    # The inner loop's own checkpointing (same numbers, see choose_inner_recompute): "on" recomputes the
+    # adapted layers one at a time (focusft.inner_grads_by_layer), "off" keeps their activations (faster),
+    # "auto" keeps them when the estimated peak (memory.py) fits the device.
+    inner_recompute: str = "auto"
     group_by_length: bool = False
     zero1: bool | None = None  # shard the AdamW state across ranks; None: on when more than one process
     fsdp: bool = False  # shard weights, gradients and AdamW state across ranks (FSDP2; torchrun only)
@@ -131,7 +129,8 @@ PRESETS = {
 
 CHOICES = {"method": list(focusft.METHODS), "dtype": list(DTYPES), "loss_norm": ["mean", "tokens"],
            "clip_mode": ["per-tensor", "global"], "inner_grad": ["grad", "vjp"],
-           "truncation": list(data.TRUNCATION_POLICIES), "backend": ["", "nccl", "gloo"]}
+           "truncation": list(data.TRUNCATION_POLICIES), "backend": ["", "nccl", "gloo"],
+           "inner_recompute": ["auto", "on", "off"]}
 FOCUS_FLAGS = [f for f in fields(focusft.FocusConfig) if f.name != "targets"]
 ESTIMATE_FLAGS = list(fields(memory.EstimateConfig))  # --estimate-memory's own (memory.py)
 HELP = {  # flags whose default alone does not say what they do
@@ -143,6 +142,8 @@ HELP = {  # flags whose default alone does not say what they do
     "method": "the paper's 2x2 ablation (Table 3)",
     "inner_grad": "grad: torch.func.grad; vjp: the same gradients, less memory",
     "loss_chunk": "supervised positions per piece of the cross-entropy (bounds the N x vocab log-probs)",
+    "inner_recompute": "the inner loop: recompute the adapted layers one at a time (on: least memory), keep their "
+                       "activations (off: faster), or keep them when the estimated peak fits the device (auto)",
     "save_every": "write OUT/step-N/ (with optimizer and RNG state) every N optimizer steps; 0: final model only",
     "dist_timeout": "seconds a rank waits for the others in one phase (a step, a checkpoint's gather or barrier, "
                     "teardown) before it stops with an error naming the phase and the rank. The longest "
@@ -257,7 +258,7 @@ def setup(cfg: TrainConfig) -> Runtime:
 def prepare_output(cfg: TrainConfig, rt: Runtime) -> tuple[Path, Path | None]:
     """--out, never mixing two runs; and the checkpoint to resume from, if any."""
     out = Path(cfg.out)
-    resume_from = newest_checkpoint(out) if cfg.resume else None
+    resume_from = checkpoint.newest_checkpoint(out) if cfg.resume else None
     if not (cfg.resume or cfg.overwrite) and out.exists() and any(out.iterdir()):
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     if rt.main:
@@ -267,7 +268,7 @@ def prepare_output(cfg: TrainConfig, rt: Runtime) -> tuple[Path, Path | None]:
     if cfg.resume and resume_from is None:
         rt.log(f"--resume: no checkpoint in {out}, starting from scratch")
     if rt.watchdog:
-        rt.watchdog.note = lambda: last_saved(out)
+        rt.watchdog.note = lambda: checkpoint.last_saved(out)
     return out, resume_from
 
 
@@ -292,7 +293,7 @@ def load_tokenizer(cfg: TrainConfig):
     if cfg.model == "tiny-words":  # a vocabulary of the training data's words (read twice: it is small)
         convs = data.read_conversations(cfg.data, cfg.messages_key, cfg.tools_key, log=lambda s: None)
         return data.word_tokenizer(data.render_chat(m, t)[0] for _, m, t in convs), None
-    model_dir = resolve_checkpoint(cfg.model)
+    model_dir = checkpoint.resolve_checkpoint(cfg.model)
     try:  # a model that is not Qwen2 fails here, before minutes of data loading
         Qwen2Config.from_hf(json.loads((model_dir / "config.json").read_text()))
     except json.JSONDecodeError as e:
@@ -332,6 +333,30 @@ def random_config(cfg: TrainConfig, tokenizer) -> Qwen2Config:
         return Qwen2Config(**TINY)
     vocab = -(-tokenizer.tk.get_vocab_size() // 16) * 16  # padded, as real vocabularies are
     return Qwen2Config(**dict(TINY_WORDS, vocab_size=vocab, eos_token_id=tokenizer.eos_token_id))
+
+
+def source_config(source: Path | Qwen2Config) -> Qwen2Config:
+    """The config of a checkpoint directory (its config.json) or of a random model."""
+    return Qwen2Config.from_hf(json.loads((source / "config.json").read_text())) if isinstance(source, Path) else source
+
+
+def choose_inner_recompute(cfg: TrainConfig, rt: Runtime, config: Qwen2Config) -> TrainConfig:
+    """--inner-recompute auto resolved to on or off by memory.py's estimate against this device's
+    memory: the smallest over the ranks, so that all ranks choose alike (under --fsdp their
+    collectives must match). Logged in the run's first lines."""
+    available, what = memory.device_memory(rt.device)
+    if rt.distributed and cfg.focus.bilevel and cfg.inner_recompute == "auto":
+        smallest = torch.tensor([available], dtype=torch.float64, device=rt.device)
+        with rt.phase("inner-recompute auto (the smallest memory over the ranks)"):
+            dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        available = smallest.item()
+    return memory.resolve_inner_recompute(cfg, config, rt.device.type, rt.world, available, what, rt.log)
+
+
+def inner_by_layer(cfg: TrainConfig) -> bool | None:
+    """focusft_loss's by_layer for --inner-recompute: on True, off False; auto (not yet resolved by
+    choose_inner_recompute, e.g. in benchmarks) None: recompute when activation checkpointing is on."""
+    return {"on": True, "off": False}.get(cfg.inner_recompute)
 
 
 def build_model(cfg: TrainConfig, rt: Runtime, source: Path | Qwen2Config) -> Qwen2:
@@ -394,27 +419,14 @@ class FocuSFTStep(nn.Module):
     NOTE: DDP only all-reduces the gradients of a backward that follows the wrapper's forward;
     calling focusft_loss(model, ...) directly under DDP would silently skip the all-reduce."""
 
-    def __init__(self, model: Qwen2, fcfg: focusft.FocusConfig):
+    def __init__(self, model: Qwen2, fcfg: focusft.FocusConfig, by_layer: bool | None = None):
         super().__init__()
-        self.model, self.fcfg = model, fcfg
+        self.model, self.fcfg, self.by_layer = model, fcfg, by_layer  # by_layer: see inner_by_layer
         self.sharded = False  # True once wrap_fsdp has made this module FSDP's root
 
     def forward(self, batch, generator):
-        if not self.sharded:
-            return focusft.focusft_loss(self.model, batch, self.fcfg, generator)
-        # NOTE: the inner loop's backward (torch.func) runs inside this forward and passes FSDP's
-        # hooks on the adapted blocks; at its end FSDP's root post-backward callback reshards every
-        # group, by default the root's too (embedding, final norm, lm_head), and the next inner
-        # step or the outer loss would meet sharded DTensors. So while the forward runs, the root
-        # keeps its parameters after a backward, and no backward is "the last one" (on the last,
-        # the outer backward, FSDP waits for its reduce-scatters and resets its prefetch order).
-        self.set_reshard_after_backward(False, recurse=False)
-        self.set_is_last_backward(False)
-        try:
-            return focusft.focusft_loss(self.model, batch, self.fcfg, generator)
-        finally:
-            self.set_reshard_after_backward(True, recurse=False)
-            self.set_is_last_backward(True)
+        with fsdp.keep_root_gathered(self) if self.sharded else contextlib.nullcontext():
+            return focusft.focusft_loss(self.model, batch, self.fcfg, generator, self.by_layer)
 
 
 def wrap(model: Qwen2, cfg: TrainConfig, rt: Runtime) -> nn.Module:
@@ -425,7 +437,7 @@ def wrap(model: Qwen2, cfg: TrainConfig, rt: Runtime) -> nn.Module:
     .grad that is None is made afresh by autograd, a second model-sized buffer next to the
     buckets. So the gradients exist before DDP is built (it takes them over as views of its
     buckets, the first step included) and zero_grads keeps them (zeroed, not freed)."""
-    step_module = FocuSFTStep(model, cfg.focus)
+    step_module = FocuSFTStep(model, cfg.focus, inner_by_layer(cfg))
     if not rt.distributed:
         return step_module
     for p in model.parameters():
@@ -435,40 +447,18 @@ def wrap(model: Qwen2, cfg: TrainConfig, rt: Runtime) -> nn.Module:
 
 
 def wrap_fsdp(cfg: TrainConfig, rt: Runtime, source: Path | Qwen2Config) -> tuple[Qwen2, FocuSFTStep]:
-    """--fsdp: the model and the step as FSDP2's root. Every rank builds the model on the meta device
-    and shards it: one group per decoder block, the root group holds embedding, final norm and
-    lm_head. Rank 0 alone reads the weights (into host memory) and broadcasts them shard by shard.
-
-    FSDP gathers a block's weights for each use and frees them after: an adapted block is gathered
-    at every use by the inner loop (with checkpointing: its no_grad forward, then the recompute
-    and backward of the top-down walk, per inner step) and by the outer pass; the others only by
-    the outer pass. At most the root and a few blocks are unsharded at once."""
+    """--fsdp: the model and the step as FSDP2's root (fsdp.py). Every rank builds the model on the
+    meta device and shards it; rank 0 alone reads the weights (into host memory) and broadcasts them."""
     full = build_model(cfg, replace(rt, device=torch.device("cpu")), source) if rt.main else None
-    if isinstance(source, Path):
-        config = Qwen2Config.from_hf(json.loads((source / "config.json").read_text()))
-    else:
-        config = source
     with torch.device("meta"):
-        model = Qwen2(config).to(DTYPES[cfg.dtype])
+        model = Qwen2(source_config(source)).to(DTYPES[cfg.dtype])
     model.config.torch_dtype = str(DTYPES[cfg.dtype]).replace("torch.", "")
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.source_dir = full.source_dir if rt.main else None
-    step_module = FocuSFTStep(model, cfg.focus)
-    mesh = init_device_mesh(rt.device.type, (rt.world,))
-    blocks = list(model.model.layers)
-    for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(step_module, mesh=mesh)
+    step_module = FocuSFTStep(model, cfg.focus, inner_by_layer(cfg))
+    fsdp.shard(step_module, list(model.model.layers), rt.device, rt.world)
     step_module.sharded = True
-    # NOTE: FSDP's default prefetch follows the order of the last forward; the inner loop runs the
-    # top blocks several times within one, so name the neighbours instead.
-    for i, block in enumerate(blocks):
-        block.set_modules_to_forward_prefetch(blocks[i + 1:i + 2])
-        block.set_modules_to_backward_prefetch(blocks[i - 1:i] if i else [])
-    step_module.to_empty(device=rt.device)
-    weights = {"model." + k: v for k, v in full.state_dict().items()} if rt.main else {}
-    set_model_state_dict(step_module, weights,
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    fsdp.load_full_weights(step_module, full)
     return model, step_module
 
 
@@ -565,7 +555,7 @@ def train_loop(run: Run, start: int) -> tuple[float | None, float]:
     cfg, rt, plan, out = run.cfg, run.rt, run.plan, run.out
     if rt.main and cfg.focus.bilevel:
         run.dependence = health.DependenceCheck(warmup=warmup_steps(cfg, plan.total_steps))
-        for rec in read_log(out / "log.jsonl", start):  # after --resume: the steps before `start`
+        for rec in checkpoint.read_log(out / "log.jsonl", start):  # after --resume: the steps before `start`
             run.dependence.update(rec["step"], rec["loss"], rec["inner_first"])
     log_file = open(out / "log.jsonl", "a") if rt.main else None
     cache: dict = {}
@@ -580,7 +570,7 @@ def train_loop(run: Run, start: int) -> tuple[float | None, float]:
                                 cfg, rt)
         except NonFiniteStep as e:
             raise TrainError(f"non-finite {e} at step {step + 1}; stopped without applying it. "
-                             + last_saved(out)) from None
+                             + checkpoint.last_saved(out)) from None
         first_loss = st.loss if first_loss is None else first_loss
         last_loss, done = st.loss, step + 1
         dt = time.time() - t0
@@ -625,37 +615,6 @@ RESUME_MUST_MATCH = ("data", "messages_key", "tools_key", "method", "max_length"
                      "loss_norm", "fsdp")
 
 
-def newest_checkpoint(out: Path) -> Path | None:
-    """The newest complete out/step-N/ (directories appear by atomic rename, so complete = present)."""
-    steps = [(int(p.name[5:]), p) for p in out.glob("step-*") if p.name[5:].isdigit() and (p / "train_state.pt").is_file()]
-    return max(steps)[1] if steps else None
-
-
-def last_saved(out: Path | None) -> str:
-    """What an error says about what the run has written so far."""
-    if out and (out / "config.json").is_file():  # published last by finish
-        return f"The final model is in {out}/."
-    last = newest_checkpoint(out) if out else None
-    return f"Last checkpoint: {last}" if last else "No checkpoint was written yet."
-
-
-def rng_state(generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-             "fast_weights": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, generator: torch.Generator):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    generator.set_state(state["fast_weights"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save(path: Path, step: int, run: Run, with_state: bool):
     """Write an HF checkpoint (+ train_state.pt: optimizer, schedule, position, every rank's RNG).
     Called on every rank: the RNG states are gathered and a ZeRO-1 optimizer state is consolidated
@@ -664,15 +623,13 @@ def save(path: Path, step: int, run: Run, with_state: bool):
     rngs = [None] * rt.world
     with rt.phase(f"save {path.name} (the gather of RNG, optimizer and FSDP states to rank 0)"):
         if rt.distributed:
-            dist.all_gather_object(rngs, rng_state(run.generator))
+            dist.all_gather_object(rngs, checkpoint.rng_state(run.generator))
         else:
-            rngs[0] = rng_state(run.generator)
+            rngs[0] = checkpoint.rng_state(run.generator)
         if with_state and isinstance(optimizer, ZeroRedundancyOptimizer):
             optimizer.consolidate_state_dict(to=0)
         if cfg.fsdp:  # the full weights and optimizer state, in rank 0's host memory (collective)
-            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            weights = get_model_state_dict(run.step_module, options=full)
-            optimizer_state = get_optimizer_state_dict(run.step_module, optimizer, options=full) if with_state else {}
+            weights, optimizer_state = fsdp.full_state(run.step_module, optimizer, with_state)
     if rt.main:
         extra = {**run.tokenizer.files(), "focusft.json": json.dumps(asdict(cfg.focus), indent=2) + "\n"}
         if with_state:
@@ -683,23 +640,11 @@ def save(path: Path, step: int, run: Run, with_state: bool):
                      "config": cfg.settings()}
             extra["train_state.pt"] = lambda p: torch.save(state, p)
         if cfg.fsdp:
-            model = unsharded_copy(model, weights)
+            model = fsdp.unsharded_copy(model, weights)
         model.save_pretrained(path, extra_files=extra)
     if rt.distributed:
         with rt.phase(f"save {path.name} (the barrier while rank 0 writes)"):  # the longest legitimate wait
             dist.barrier()
-
-
-def unsharded_copy(model: Qwen2, weights: dict) -> Qwen2:
-    """A plain Qwen2 on the full state dict of the FSDP root ("model."-prefixed names), sharing its
-    tensors, for model.save_pretrained."""
-    with torch.device("meta"):
-        plain = Qwen2(model.config)
-    plain.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()}, strict=True, assign=True)
-    if model.config.tie_word_embeddings:  # assign=True created two Parameters; make them one again
-        plain.lm_head.weight = plain.model.embed_tokens.weight
-    plain.source_dir = model.source_dir
-    return plain
 
 
 def restore(path: Path, run: Run) -> int:
@@ -717,40 +662,13 @@ def restore(path: Path, run: Run) -> int:
         raise TrainError(f"{path} was written with other settings: " + ", ".join(
             f"--{k.replace('_', '-')} {then[k]!r} (now {now[k]!r})" for k in changed))
     if cfg.fsdp:
-        set_optimizer_state_dict(run.step_module, run.optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        fsdp.load_optimizer_state(run.step_module, run.optimizer, state["optimizer"])
     else:
         run.optimizer.load_state_dict(state["optimizer"])  # ZeRO-1: each rank keeps its own shard
     run.scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"][rt.rank], run.generator)
+    checkpoint.set_rng_state(state["rng"][rt.rank], run.generator)
     rt.log(f"resuming from {path} at step {state['step']}")
     return state["step"]
-
-
-def read_log(log_path: Path, last_step: int) -> list[dict]:
-    """The records of OUT/log.jsonl up to step `last_step`, skipping a line cut short by an interruption."""
-    if not log_path.is_file():
-        return []
-    records = []
-    for line in log_path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            records.append(json.loads(line))
-    return [r for r in records if r["step"] <= last_step]
-
-
-def trim_log(log_path: Path, last_step: int):
-    """Drop the log lines of steps after `last_step` (they run again after a resume)."""
-    if log_path.is_file():
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in read_log(log_path, last_step)))
-
-
-def publish(src: Path, out: Path):
-    """Move a finished checkpoint's files into `out`, one atomic rename each, config.json last
-    (a directory without config.json is not a loadable checkpoint), then drop `src`."""
-    names = sorted(p.name for p in src.iterdir())
-    for name in [n for n in names if n != "config.json"] + ["config.json"]:
-        os.replace(src / name, out / name)
-    src.rmdir()
 
 
 # -----------------------------------------------------------------------------
@@ -766,8 +684,9 @@ def main(cfg: TrainConfig):
     rt = setup(cfg)
     out, resume_from = prepare_output(cfg, rt)
     tokenizer, model_dir = load_tokenizer(cfg)
-    plan = plan_data(cfg, tokenizer, rt)
     source = resume_from or model_dir or random_config(cfg, tokenizer)
+    cfg = choose_inner_recompute(cfg, rt, source_config(source))
+    plan = plan_data(cfg, tokenizer, rt)
     with rt.phase("wrap (the broadcast of the initial weights)"):
         if cfg.fsdp:
             model, step_module = wrap_fsdp(cfg, rt, source)
@@ -783,7 +702,7 @@ def main(cfg: TrainConfig):
         with rt.phase(f"restore {resume_from.name}"):
             start = restore(resume_from, run)
         if rt.main:
-            trim_log(out / "log.jsonl", start)
+            checkpoint.trim_log(out / "log.jsonl", start)
     n_params = sum(p.numel() for p in model.parameters())
     rt.log(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters, {cfg.dtype}, {rt.device}, world size {rt.world}"
            f"{' (ZeRO-1)' if use_zero1(cfg, rt) else ''}{' (FSDP2)' if cfg.fsdp else ''} | method {cfg.focus.method} | "
@@ -798,7 +717,7 @@ def finish(run: Run, start: int, first_loss: float | None, last_loss: float):
     cfg, rt, out, total = run.cfg, run.rt, run.out, run.plan.total_steps
     save(out / "final.tmp", total, run, with_state=False)
     if rt.main:
-        publish(out / "final.tmp", out)
+        checkpoint.publish(out / "final.tmp", out)
         loss_line = f"loss {first_loss:.4f} → {last_loss:.4f}" if first_loss is not None else "no step run"
         print(f"done: {total - start} steps in {data.fmt_seconds(time.time() - run.t_start)} | {loss_line} | "
               f"model saved to {out}/ (HF layout), log in {out}/log.jsonl")

@@ -26,7 +26,11 @@ ratios of the paper's setting carry over:
 Step variants: each step is zero_grad, loss, backward, torch.optim.AdamW step, in fp32 with batch 1.
 `focusft` uses torch.func.grad (the default), `focusft-vjp` FocusConfig(inner_grad="vjp");
 with checkpointing on both checkpoint every layer of the outer pass and recompute the adapted layers
-one at a time in the inner loop. `focusft-prev` (checkpointing on only) is the code path before
+one at a time in the inner loop (focusft_loss's default, by_layer=None). `focusft-keep` (checkpointing
+on only) is `--inner-recompute off`: the inner loop keeps the adapted layers' activations while the
+outer pass checkpoints every layer; `focusft-recompute` (checkpointing off only) is `--inner-recompute
+on`. The summary names the variant `--inner-recompute auto` picks for this step on this machine (from
+memory.py's estimate, as train.py does) and its ratios to SFT. `focusft-prev` (checkpointing on only) is the code path before
 that: the inner loop differentiates the whole adapted stack in one transform (keeping all its
 activations) and the outer pass does not checkpoint the adapted layers. `naive-focusft` is
 tests/reference.py: every inner step reruns the whole model with full-vocabulary logits.
@@ -59,11 +63,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 import focusft
+import memory
+import train
 from focusft import FocusConfig
 from model import Qwen2, Qwen2Config
 from tests.reference import naive_focusft_loss
 
-METHODS = ["sft", "sft-bidir", "causal-bilevel", "focusft", "focusft-vjp", "focusft-prev", "naive-focusft"]
+METHODS = ["sft", "sft-bidir", "causal-bilevel", "focusft", "focusft-keep", "focusft-recompute", "focusft-vjp",
+           "focusft-prev", "naive-focusft"]
 INNER = ["whole-stack", "whole-stack-vjp", "by-layer", "by-layer-vjp"]  # inner_loop alone
 
 
@@ -131,6 +138,9 @@ def make_loss_fn(model, batch, method, generator):
         return lambda: naive_focusft_loss(model, batch, cfg, generator)[0]
     if method == "focusft-prev":
         return lambda: previous_focusft_loss(model, batch, FocusConfig(), generator)
+    if method in ("focusft-keep", "focusft-recompute"):  # --inner-recompute off / on
+        by_layer = method == "focusft-recompute"
+        return lambda: focusft.focusft_loss(model, batch, FocusConfig(), generator, by_layer=by_layer)[0]
     cfg = FocusConfig(method="focusft", inner_grad="vjp") if method == "focusft-vjp" else FocusConfig(method=method)
     return lambda: focusft.focusft_loss(model, batch, cfg, generator)[0]
 
@@ -293,8 +303,8 @@ def build_cases(args, model, opt, batch, generator):
     cases = {}
     for c in ckpts:
         for m in filter(None, args.methods.split(",")):
-            if m == "focusft-prev" and not c:
-                continue  # without checkpointing the previous code path is today's
+            if m == "focusft-prev" and not c or m == ("focusft-recompute" if c else "focusft-keep"):
+                continue  # the same as "focusft" here (without checkpointing the previous path is today's)
             loss_fn = make_loss_fn(model, batch, m, generator)
             cases[("step", m, c)] = (c, make_step(opt, loss_fn),
                                      lambda loss_fn=loss_fn: step_peak_memory(loss_fn, model, batch["input_ids"].device))
@@ -353,7 +363,16 @@ def report_steps(cases, wall, cpu, peaks, args, frac, k):
     # backward of the adapted layers, 2 * frac, and with checkpointing a recompute of them, + frac.
     print()
     print(f"ideal FocuSFT / SFT from FLOPs: {(3 + 2 * k * frac) / 3:.2f}x without checkpointing, "
-          f"{(4 + 3 * k * frac) / 4:.2f}x with it (previous code path: {(4 - frac + 2 * k * frac) / 4:.2f}x)")
+          f"{(4 + 3 * k * frac) / 4:.2f}x with it, {(4 + 2 * k * frac) / 4:.2f}x with it and --inner-recompute off "
+          f"(previous code path: {(4 - frac + 2 * k * frac) / 4:.2f}x)")
+    keep = auto_keeps(args)
+    for c in (False, True):
+        pick = "focusft" if keep != c else "focusft-keep" if keep else "focusft-recompute"
+        f, sft = ("step", pick, c), ("step", "sft", c)
+        if f in med and sft in med:
+            print(f"--inner-recompute auto picks {'off' if keep else 'on'} here ({pick}); "
+                  f"{'with' if c else 'without'} checkpointing it costs {med[f] / med[sft]:.2f}x an SFT step "
+                  f"(CPU time {med_cpu[f] / med_cpu[sft]:.2f}x)")
     for c in (False, True):
         f, sft, naive = ("step", "focusft", c), ("step", "sft", c), ("step", "naive-focusft", c)
         ratios = [f"{med[f] / med[ref]:.2f}x {name}" for ref, name in ((sft, "SFT"), (naive, "the naive step"))
@@ -365,6 +384,18 @@ def report_steps(cases, wall, cpu, peaks, args, frac, k):
         mem = (f", peak memory {peaks[new] / 2**20:.0f} vs {peaks[prev] / 2**20:.0f} MiB"
                if peaks.get(new) and peaks.get(prev) else "")
         print(f"FocuSFT with checkpointing, this code vs the previous path: {med[new] / med[prev]:.2f}x time{mem}")
+
+
+def auto_keeps(args) -> bool:
+    """Whether --inner-recompute auto keeps the inner loop's activations for this step on this
+    device (train.choose_inner_recompute's rule, for one process)."""
+    config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, tie_word_embeddings=False)
+    cfg = train.TrainConfig(max_length=args.seq, batch_size=1, grad_accum=1, dtype=args.dtype, device=args.device,
+                            estimate=memory.EstimateConfig(nproc=1, supervised_fraction=args.supervised))
+    available, _ = memory.device_memory(torch.device(args.device))
+    return memory.inner_loop_peak(cfg, config, False) <= memory.INNER_HEADROOM * available
 
 
 def report_inner(cases, wall, peaks, args, k):

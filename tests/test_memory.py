@@ -100,7 +100,19 @@ def check_estimate(m, measured: int):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_estimate_matches_measured_peak(case):
     *spec, ddp = case
-    model_config, cfg, batches = setup_case(*spec)
+    assert_estimate_matches(*setup_case(*spec), ddp)
+
+
+@pytest.mark.parametrize("ckpt, recompute", [(True, "off"), (False, "on")], ids=["ckpt-off", "nockpt-on"])
+def test_estimate_follows_inner_recompute(ckpt, recompute):
+    """--inner-recompute decides the inner loop's path, not --grad-checkpointing: the estimate follows it."""
+    model_config, cfg, batches = setup_case("base", "fp32", "focusft", ckpt, "grad")
+    cfg = replace(cfg, inner_recompute=recompute)
+    assert memory_shape(cfg, model_config).inner_recompute == (recompute == "on")
+    assert_estimate_matches(model_config, cfg, batches, ddp=True)
+
+
+def assert_estimate_matches(model_config, cfg, batches, ddp: bool):
     torch.set_num_threads(1)  # the estimate's CPU attention scratch is per thread
     measured = measure_step_peak(model_config, cfg, batches, ddp=ddp)
     if not ddp:  # the measurement itself: a profiler running from before the model agrees
@@ -199,10 +211,11 @@ def test_hub_id_from_the_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("tokens, budget_gib", [(4096, 40), (32768, 70)])
 def test_qwen7b_paper_run_estimate(tokens, budget_gib):
-    """The paper's run (Qwen2.5-7B, bf16, 8 GPUs, default flags, every position supervised) leaves
+    """The paper's run (Qwen2.5-7B, bf16, 8 GPUs, default flags with the inner loop recomputing its
+    layers, every position supervised) leaves
     room on an 80 GB GPU for what the estimate does not count (CUDA context, NCCL, the allocator)."""
     config_dir = conftest.shared_file("qwen2.5-configs/Qwen2.5-7B/config.json").parent
-    cfg = train.parse_args(["--model", str(config_dir), "--max-length", str(tokens)])
+    cfg = train.parse_args(["--model", str(config_dir), "--max-length", str(tokens), "--inner-recompute", "on"])
     peak, _ = estimate_peak(memory_shape(cfg, estimate_model_config(cfg)))
     assert peak / 2**30 <= budget_gib
 

@@ -40,9 +40,11 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 
+import checkpoint
 import data
 import focusft
 import health
+import memory
 import train
 from model import TINY, ModelError, Qwen2, Qwen2Config
 
@@ -427,7 +429,7 @@ def test_stuck_rank_stops_the_run_and_resumes(tmp, unequal_data):
         dumped = dump_stacks({0: ranks[0]})  # rank 0 is waiting for rank 1 by now: its stacks, please
         while is_running(ranks[0]):
             time.sleep(0.05)
-        rank0_s, last = time.monotonic() - frozen, train.newest_checkpoint(out)
+        rank0_s, last = time.monotonic() - frozen, checkpoint.newest_checkpoint(out)
         waiter = threading.Thread(target=lambda: ended.append((launch.wait(), time.monotonic())[1]))
         waiter.start()
         run_ok([*common, "--out", tmp / "unstuck"], nproc=2)  # the reference
@@ -470,7 +472,7 @@ def is_running(pid: int) -> bool:
 def test_fsdp_equals_ddp_and_resumes(tmp, unequal_data):
     """--fsdp (FSDP2: weights, gradients and AdamW state sharded over the 2 ranks) against DDP on the
     same FocuSFT run, activation checkpointing on; then resumed from step 1, bit for bit. What makes
-    FSDP delicate here is the inner loop's backward inside the forward (see train.FocuSFTStep)."""
+    FSDP delicate here is the inner loop's backward inside the forward (see fsdp.keep_root_gathered)."""
     common = [*BASE, "--data", unequal_data, "--method", "focusft", "--epochs", 1, "--batch-size", 1,
               "--grad-accum", 2, "--save-every", 1, "--grad-checkpointing"]
     r = run_ok([*common, "--out", tmp / "fsdp", "--fsdp"], nproc=2)
@@ -504,6 +506,35 @@ def test_grad_accumulation_equals_one_batch(tmp, unequal_data, equal_data):
     init = Qwen2(Qwen2Config(**TINY)).state_dict()
     w = weights(tmp / "acc-mean-a4")
     assert (w["model.layers.0.mlp.up_proj.weight"] - init["model.layers.0.mlp.up_proj.weight"]).abs().max() > 1e-4
+
+
+def test_inner_recompute_auto_follows_the_estimate(tmp, unequal_data, monkeypatch, capsys):
+    """--inner-recompute auto keeps the inner loop's activations exactly when memory.py's estimated
+    peak with them fits 85 % of the device's memory (device_memory patched to just above and just
+    below), says so in the run's first log lines with both estimated peaks, and both choices train
+    the same run. --no-grad-checkpointing (BASE): the inner loop's choice is its own."""
+    args = [*BASE, "--method", "focusft", "--data", unequal_data, "--batch-size", 2, "--grad-accum", 1,
+            "--max-steps", 2]
+    cfg = train.parse_args([str(a) for a in args + ["--nproc", 1]])  # the estimate of a 1-process run
+    keep, recompute = (memory.inner_loop_peak(cfg, Qwen2Config(**TINY), r) for r in (False, True))
+    calls = []
+    by_layer = focusft.inner_grads_by_layer
+    monkeypatch.setattr(focusft, "inner_grads_by_layer", lambda *a: calls.append(1) or by_layer(*a))
+    outs = {}
+    for fits, want in ((1.01, "off"), (0.99, "on")):
+        monkeypatch.setattr(memory, "device_memory", lambda device, fits=fits: (fits * keep / 0.85, "patched"))
+        calls.clear()
+        outs[want] = tmp / f"auto-{want}"
+        run_inprocess([*args, "--out", outs[want]])
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith(f"inner loop: --inner-recompute auto chose {want}: "), lines[:2]
+        assert (f"{keep / 2**30:.3g} GiB keeping the activations, {recompute / 2**30:.3g} GiB recomputing; "
+                f"budget {fits * keep / 2**30:.3g} GiB") in lines[1], lines[1]
+        assert bool(calls) == (want == "on")
+    assert_same_run(outs["off"], outs["on"])
+    run_inprocess([*args, "--inner-recompute", "on", "--out", tmp / "explicit-on"])
+    assert capsys.readouterr().out.startswith("inner loop: --inner-recompute on: recomputes the adapted layers")
+    assert_same_run(outs["on"], tmp / "explicit-on")
 
 
 # -----------------------------------------------------------------------------
