@@ -75,3 +75,14 @@ def make_hub_cache(cache_dir: Path, repo_id: str, files: dict[str, bytes | str],
     (root / "refs").mkdir(parents=True, exist_ok=True)
     (root / "refs" / "main").write_text(commit)
     return snap
+
+
+@pytest.fixture
+def sandbox_available():
+    """Skip, saying how to get it, when the code tool's sandbox (bubblewrap) is not available here;
+    under CI (CI=true) fail instead: .ci/run installs it, so there a missing sandbox is a defect."""
+    from evals.sandbox import sandbox_check
+
+    why = sandbox_check()
+    if why and not os.environ.get("CI"):
+        pytest.skip(f"the code tool's sandbox is not available here: {why}")

@@ -661,6 +661,7 @@ def test_prepare_code_keeps_the_official_quirks():
     assert gpqa.prepare_code("x = 1") == "print(x = 1)"  # what the official sandbox runs (a TypeError)
 
 
+@pytest.mark.usefixtures("sandbox_available")
 def test_run_python_output_contract():
     """What the tool message is made of (tests/test_sandbox.py attempts the escapes)."""
     assert sandbox.run_python("import sys\nprint('out')\nprint('err', file=sys.stderr)", 10, 512) == "out\nerr\n"
@@ -705,6 +706,7 @@ def run_scripted(tmp_path, script, rollouts=3, **cfg):
     return engine, by_problem
 
 
+@pytest.mark.usefixtures("sandbox_available")
 def test_gpqa_multi_turn_episode(tmp_path):
     def script(context, turn):
         if turn == 0:
@@ -730,6 +732,7 @@ def test_gpqa_multi_turn_episode(tmp_path):
     assert [r["rollout"] for r in by_problem[1]] == [0, 1, 2] and len({str(r["order"]) for r in recs}) > 1
 
 
+@pytest.mark.usefixtures("sandbox_available")
 def test_gpqa_tool_errors_reach_the_model(tmp_path):
     bad = {0: "<tool_call>{not json}</tool_call>", 1: call("print(1)", name="search"),
            2: '<tool_call>{"name": "code_interpreter", "arguments": {"script": "1"}}</tool_call>',
@@ -750,6 +753,7 @@ def test_gpqa_tool_errors_reach_the_model(tmp_path):
     assert rec["vote"] == "Z"  # not a letter A-D: it votes as written
 
 
+@pytest.mark.usefixtures("sandbox_available")
 def test_gpqa_timeouts_and_truncated_outputs(tmp_path):
     def script(context, turn):
         return [call("import time\ntime.sleep(20)"), call("print('a' * 300 + 'b' * 300)"), "\\boxed{A}"][turn]
@@ -764,6 +768,7 @@ def test_gpqa_timeouts_and_truncated_outputs(tmp_path):
     assert responses[1] == "a" * 128 + "...(truncated)..." + "b" * 127 + "\n"  # 256 characters kept, middle cut
 
 
+@pytest.mark.usefixtures("sandbox_available")
 def test_gpqa_call_timeout_is_honoured_and_capped(tmp_path):
     def timed(code, timeout):
         return "<tool_call>\n" + json.dumps({"name": "code_interpreter",
@@ -795,6 +800,7 @@ def venv_python(tmp_path_factory):
     return str(python)
 
 
+@pytest.mark.usefixtures("sandbox_available")
 def test_gpqa_tool_python_runs_the_code_with_that_interpreter(tmp_path, venv_python):
     code = "import importlib.util, sys\nprint(sys.prefix, importlib.util.find_spec('marker') is not None)"
     script = lambda c, t: [call(code), "\\boxed{A}"][t]  # noqa: E731
@@ -818,6 +824,7 @@ def test_gpqa_tool_python_runs_the_code_with_that_interpreter(tmp_path, venv_pyt
     gpqa.check_tool_python(gpqa.GPQAConfig(tool_python=venv_python))
 
 
+@pytest.mark.usefixtures("sandbox_available")
 def test_gpqa_unsafe_tool_sandbox_runs_without_the_jail(tmp_path):
     script = lambda c, t: [call("import os\nprint(sorted(os.listdir('.')))"), "\\boxed{A}"][t]  # noqa: E731
     jailed, _ = run_scripted(tmp_path / "jail", script, rollouts=1)
@@ -826,6 +833,7 @@ def test_gpqa_unsafe_tool_sandbox_runs_without_the_jail(tmp_path):
     assert "<tool_response>\n['err', 'main.py', 'out']\n" in max(unjailed.contexts, key=len)  # the host's directory
 
 
+@pytest.mark.usefixtures("sandbox_available")
 def test_gpqa_turn_and_token_budgets(tmp_path):
     # a model that always calls the tool stops after max_turns assistant turns
     engine, by_problem = run_scripted(tmp_path / "turns", lambda c, t: call("1"), rollouts=1, max_turns=3)
@@ -939,6 +947,7 @@ def test_read_gpqa_layouts_and_download_hint(tmp_path, monkeypatch):
     assert "gated" in str(e.value) and "huggingface-cli login" in str(e.value) and "HF_TOKEN" in str(e.value)
 
 
+@pytest.mark.usefixtures("sandbox_available")
 def test_gpqa_end_to_end_tiny_model(tiny_ckpt, tmp_path, capsys):
     """The real engine: a random tiny model samples (it scores ~chance or 0: this checks the machinery)."""
     write_gpqa_csv(tmp_path / "d")
@@ -967,6 +976,7 @@ def test_gpqa_end_to_end_tiny_model(tiny_ckpt, tmp_path, capsys):
     assert code == 2 and "--max-prompt-tokens 100" in err
 
 
+@pytest.mark.usefixtures("sandbox_available")
 def test_gpqa_refuses_without_its_sandbox_unless_told(tiny_ckpt, tmp_path, capsys, monkeypatch):
     write_gpqa_csv(tmp_path / "d")
     reason = "bubblewrap not found: apt-get install bubblewrap (or dnf/pacman install bubblewrap)"

@@ -26,7 +26,8 @@ MEMORY_MB = 256
 
 if shutil.which("bwrap") and sandbox_check():  # bwrap installed, yet the kernel forbids namespaces
     pytest.skip(f"the kernel forbids the sandbox here: {sandbox_check()}", allow_module_level=True)
-# Without bwrap at all, the tests run and fail: CI must install it (.ci/run).
+# Without bwrap at all they skip, saying how to get it, except under CI, which installs it (.ci/run)
+pytestmark = pytest.mark.usefixtures("sandbox_available")
 
 
 def run(code: str, timeout: float = 20, memory_mb: int = MEMORY_MB) -> str:
