@@ -598,8 +598,8 @@ def print_memory_estimate(cfg):
         for label, b in rows:
             print(f"    {label:<76} {b / GiB:7.2f}")
     peak = sum(b for _, b in static) + totals[worst]
-    print(f"\npeak per GPU: {peak / GiB:.1f} GiB")
-    if m.bilevel and cfg.inner_recompute == "auto":  # train.choose_inner_recompute
+    if m.bilevel and cfg.inner_recompute == "auto":  # resolve_inner_recompute
         keep, recompute = (estimate_peak(replace(m, inner_recompute=r))[0] / GiB for r in (False, True))
-        print(f"--inner-recompute auto: {keep:.1f} GiB keeping the inner loop's activations, {recompute:.1f} GiB "
-              f"recomputing; a run keeps them when the first fits 85 % of its device's memory")
+        print(f"\n--inner-recompute auto: {keep:.1f} GiB keeping the inner loop's activations, {recompute:.1f} GiB "
+              f"recomputing; a run keeps them when the first fits {INNER_HEADROOM:.0%} of its device's memory")
+    print(f"\npeak per GPU: {peak / GiB:.1f} GiB")
