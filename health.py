@@ -41,7 +41,7 @@ class Watchdog:
 
     def __init__(self, rank: int, timeout: float):
         self.rank, self.timeout = rank, timeout
-        self.note: Callable[[], str] = str  # what the error adds: train.py names the last checkpoint
+        self.note: Callable[[], str] = lambda: ""  # what the error adds: train.py names the last checkpoint
         self.current: tuple[str, float] | None = None  # (phase, its start); replaced whole, so read without a lock
         threading.Thread(target=self._watch, name="dist-watchdog", daemon=True).start()
 

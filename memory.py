@@ -145,7 +145,7 @@ def memory_shape(cfg, config: Qwen2Config) -> MemShape:
 
 def inner_loop_peak(cfg, config: Qwen2Config, recompute: bool) -> float:
     """The estimated peak bytes per GPU of a run with these flags, the inner loop recomputing its
-    layers or keeping their activations (train.choose_inner_recompute asks for both)."""
+    layers or keeping their activations (resolve_inner_recompute weighs both)."""
     return estimate_peak(replace(memory_shape(cfg, config), inner_recompute=recompute))[0]
 
 

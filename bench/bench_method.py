@@ -388,14 +388,16 @@ def report_steps(cases, wall, cpu, peaks, args, frac, k):
 
 def auto_keeps(args) -> bool:
     """Whether --inner-recompute auto keeps the inner loop's activations for this step on this
-    device (train.choose_inner_recompute's rule, for one process)."""
+    device (memory.resolve_inner_recompute, the rule train.py applies, for one process)."""
     config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.kv_heads, tie_word_embeddings=False)
     cfg = train.TrainConfig(max_length=args.seq, batch_size=1, grad_accum=1, dtype=args.dtype, device=args.device,
                             estimate=memory.EstimateConfig(nproc=1, supervised_fraction=args.supervised))
-    available, _ = memory.device_memory(torch.device(args.device))
-    return memory.inner_loop_peak(cfg, config, False) <= memory.INNER_HEADROOM * available
+    available, what = memory.device_memory(torch.device(args.device))
+    chosen = memory.resolve_inner_recompute(cfg, config, torch.device(args.device).type, 1, available, what,
+                                            log=lambda line: None)
+    return chosen.inner_recompute == "off"
 
 
 def report_inner(cases, wall, peaks, args, k):
