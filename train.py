@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import datetime
 import faulthandler
+import gc
 import io
 import json
 import math
@@ -687,6 +688,26 @@ def main(cfg: TrainConfig):
     source = resume_from or model_dir or random_config(cfg, tokenizer)
     cfg = choose_inner_recompute(cfg, rt, source_config(source))
     plan = plan_data(cfg, tokenizer, rt)
+    run = build_run(cfg, rt, out, plan, tokenizer, source)
+    start = 0
+    if resume_from is not None:
+        with rt.phase(f"restore {resume_from.name}"):
+            start = restore(resume_from, run)
+        if rt.main:
+            checkpoint.trim_log(out / "log.jsonl", start)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    rt.log(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters, {cfg.dtype}, {rt.device}, world size {rt.world}"
+           f"{' (ZeRO-1)' if use_zero1(cfg, rt) else ''}{' (FSDP2)' if cfg.fsdp else ''} | method {cfg.focus.method} | "
+           f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch), "
+           f"{cfg.batch_size * cfg.grad_accum * rt.world} sequences each")
+    first_loss, last_loss = train_loop(run, start)
+    finish(run, start, first_loss, last_loss)
+
+
+def build_run(cfg: TrainConfig, rt: Runtime, out: Path, plan: Plan, tokenizer: data.Tokenizer,
+              source: Path | Qwen2Config) -> Run:
+    """The model (wrapped for DDP or sharded by FSDP2), AdamW and its schedule, the fast weights'
+    generator. Only the Run holds them, so that `finish` can let go of DDP before the process group."""
     with rt.phase("wrap (the broadcast of the initial weights)"):
         if cfg.fsdp:
             model, step_module = wrap_fsdp(cfg, rt, source)
@@ -695,21 +716,8 @@ def main(cfg: TrainConfig):
             step_module = wrap(model, cfg, rt)
     optimizer, scheduler = build_optimizer(model, cfg, rt, plan.total_steps)
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1000 * rt.rank)  # fast weights: one stream per rank
-    run = Run(cfg=cfg, rt=rt, out=out, plan=plan, tokenizer=tokenizer, model=model, step_module=step_module,
-              optimizer=optimizer, scheduler=scheduler, generator=generator)
-    start = 0
-    if resume_from is not None:
-        with rt.phase(f"restore {resume_from.name}"):
-            start = restore(resume_from, run)
-        if rt.main:
-            checkpoint.trim_log(out / "log.jsonl", start)
-    n_params = sum(p.numel() for p in model.parameters())
-    rt.log(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters, {cfg.dtype}, {rt.device}, world size {rt.world}"
-           f"{' (ZeRO-1)' if use_zero1(cfg, rt) else ''}{' (FSDP2)' if cfg.fsdp else ''} | method {cfg.focus.method} | "
-           f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch), "
-           f"{cfg.batch_size * cfg.grad_accum * rt.world} sequences each")
-    first_loss, last_loss = train_loop(run, start)
-    finish(run, start, first_loss, last_loss)
+    return Run(cfg=cfg, rt=rt, out=out, plan=plan, tokenizer=tokenizer, model=model, step_module=step_module,
+               optimizer=optimizer, scheduler=scheduler, generator=generator)
 
 
 def finish(run: Run, start: int, first_loss: float | None, last_loss: float):
@@ -727,6 +735,13 @@ def finish(run: Run, start: int, first_loss: float | None, last_loss: float):
             print(f"next: python eval.py demo --model {out}")
     if rt.distributed:
         with rt.phase("teardown (destroy_process_group)"):
+            # NOTE: DDP's C++ reducer holds the process group. Had it dropped the last reference (DDP
+            # freed after destroy_process_group), gloo's destructor would join its worker threads while
+            # holding the GIL, and a worker still freeing the last collective's tensors waits for the
+            # GIL: a deadlock at exit (1 run in ~30 on a loaded CPU). With DDP gone first, the last
+            # reference is destroy_process_group's, whose destructor releases the GIL.
+            run.step_module = run.optimizer = None
+            gc.collect()  # and now, should a reference cycle hold DDP
             dist.destroy_process_group()
 
 

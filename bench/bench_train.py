@@ -168,6 +168,7 @@ def main():
           f"clip {cfg.max_grad_norm}")
     variants = [(m, c) for c in ckpts for m in methods]
     times = time_variants(args, b, batches, variants, device)
+    b.clear()  # DDP before the process group (train.finish says why)
     dist.destroy_process_group()
     report(args, times, variants, tokens)
 

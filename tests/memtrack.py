@@ -4,10 +4,10 @@
 gloo DDP group or without DDP, train.build_optimizer, train.train_step) and measures the peak of
 live CPU bytes during the third step: by then the AdamW state exists and DDP has rebuilt its
 buckets (in the second forward), as on every later step of a run. torch.profiler's allocation
-records ("[memory]" events, profile_memory=True) see every allocation and free, kernel scratch
-buffers included. The peak is measured as what is live when the step starts (the weights, the
+records (profile_memory=True) see every allocation, kernel scratch buffers included, and every
+free but those of gloo's worker threads (live_sums makes up for them). The peak is measured as what is live when the step starts (the weights, the
 AdamW state, DDP's buckets and the batch, counted from the tensors themselves and DDP's own
-bucket sizes) plus the largest rise of the running sum of the records during the step; without
+bucket sizes) plus the largest rise of live bytes during the step; without
 DDP also as the running sum of a profiler started before the model is built (the two agree).
 
 NOTE: with DDP the running sum cannot start before the model: DDP's constructor broadcasts a
@@ -49,18 +49,56 @@ def synthetic_batch(B: int, S: int, n_supervised: int, vocab: int, seed: int = 0
     return {"input_ids": ids, "attention_mask": torch.ones(B, S, dtype=torch.bool), "loss_mask": loss_mask}
 
 
+def allocation_records(prof) -> list[tuple[int, int, int]]:
+    """(time ns, bytes: + allocated / - freed, address) of every allocation record, in time order."""
+    records, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if type(event.extra_fields).__name__ == "_ExtraFields_Allocation":
+            records.append((event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.ptr))
+    return sorted(records)
+
+
+def live_sums(records):
+    """(time, live bytes) after each record: the running sum of the records, with each block freed
+    at the latest when its address is allocated again.
+
+    NOTE: the profiler records the frees of the main thread and autograd's, not those of gloo's
+    worker threads. A collective's buffer is freed by whichever of the main thread (done with it
+    after `wait()`) and gloo's worker (done running it) drops it last, and which one does varies
+    from run to run: FSDP's gathered and reduce-scattered layers are sometimes freed unrecorded,
+    and a plain running sum then keeps them forever (a 2-rank FSDP step measured up to 12 % high).
+    An address allocated twice without a free between proves the free; placing it at the second
+    allocation gave, in every run, the peak of the runs where no free was missed."""
+    live, total, sums = {}, 0, []
+    for t, n, ptr in records:
+        if n > 0:
+            total += n - live.get(ptr, 0)  # an unrecorded free of the block that held this address
+            live[ptr] = n
+        else:
+            total -= live.pop(ptr, -n)  # the free of a block allocated before the records started
+        sums.append((t, total))
+    return sums
+
+
+def window_span(prof, name: str = WINDOW) -> tuple[int, int]:
+    """(start, end) ns of the record_function window `name`."""
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.name == name:
+            return event.start_time_ns, event.end_time_ns
+        stack.extend(event.children)
+    raise LookupError(f"no profiler event named {name!r}")
+
+
 def rise_in_window(prof, name: str = WINDOW) -> int:
-    """The largest rise of the running sum of allocation records inside the record_function
-    window `name`, from where it opens."""
-    events = prof.profiler.kineto_results.events()
-    window = next(e for e in events if e.name() == name)
-    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"
-                    and window.start_ns() <= e.start_ns() <= window.end_ns())
-    live = peak = 0
-    for _, n in memory:
-        live += n
-        peak = max(peak, live)
-    return peak
+    """The largest rise of live bytes (live_sums) inside the record_function window `name`, from
+    where it opens."""
+    start, end = window_span(prof, name)
+    sums = live_sums([r for r in allocation_records(prof) if start <= r[0] <= end])
+    return max((total for _, total in sums), default=0)
 
 
 def live_bytes(tensors) -> int:
@@ -78,16 +116,10 @@ def ddp_bucket_bytes(step_module) -> int:
 
 
 def running_peak(prof, name: str = WINDOW) -> int:
-    """The largest running sum of all allocation records, from the profiler's start, inside the
-    record_function window `name`: the peak of live bytes there if the profiler started first."""
-    events = prof.profiler.kineto_results.events()
-    window = next(e for e in events if e.name() == name)
-    live = peak = 0
-    for t, n in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
-        live += n
-        if window.start_ns() <= t <= window.end_ns():
-            peak = max(peak, live)
-    return peak
+    """The largest live bytes (live_sums) from the profiler's start, inside the record_function
+    window `name`: the peak of live bytes there if the profiler started first."""
+    start, end = window_span(prof, name)
+    return max((total for t, total in live_sums(allocation_records(prof)) if start <= t <= end), default=0)
 
 
 @dataclass
@@ -137,6 +169,8 @@ def measure_step_peak(model_config: Qwen2Config, cfg: train.TrainConfig, batches
         if whole:
             whole.stop()
         if ddp:
+            step_module = optimizer = None  # DDP before the process group (train.finish says why)
+            gc.collect()
             dist.destroy_process_group()
     return StepPeak(held + rise_in_window(prof), running_peak(prof) if whole else None)
 

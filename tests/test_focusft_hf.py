@@ -205,6 +205,7 @@ def _ddp_worker(rank, path, rdv, out, runs):
         loss.backward()
         grads[how] = {n: p.grad.clone() for n, p in hf.named_parameters()}
     torch.save(grads, f"{out}/rank{rank}.pt")
+    del ddp  # before the process group (train.finish says why)
     torch.distributed.destroy_process_group()
 
 
