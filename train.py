@@ -91,9 +91,9 @@ class TrainConfig:
     seed: int = 1234
     dtype: str = "bf16"  # bf16 (weights in bfloat16, as the authors) | fp32
     grad_checkpointing: bool = True
-    # The inner loop's own checkpointing (same numbers, see choose_inner_recompute): "on" recomputes the
-    # adapted layers one at a time (focusft.inner_grads_by_layer), "off" keeps their activations (faster),
-    # "auto" keeps them when the estimated peak (memory.py) fits the device.
+    # The inner loop's own checkpointing (same numbers): "on" recomputes the adapted layers one at a time
+    # (focusft.inner_grads_by_layer), "off" keeps their activations (faster), "auto" keeps them when the
+    # estimated peak (memory.py) fits the device (choose_inner_recompute).
     inner_recompute: str = "auto"
     group_by_length: bool = False
     zero1: bool | None = None  # shard the AdamW state across ranks; None: on when more than one process
@@ -147,9 +147,9 @@ HELP = {  # flags whose default alone does not say what they do
                        "activations (off: faster), or keep them when the estimated peak fits the device (auto)",
     "save_every": "write OUT/step-N/ (with optimizer and RNG state) every N optimizer steps; 0: final model only",
     "dist_timeout": "seconds a rank waits for the others in one phase (a step, a checkpoint's gather or barrier, "
-                    "teardown) before it stops with an error naming the phase and the rank. The longest "
-                    "legitimate wait: the other ranks at the barrier while rank 0 writes a checkpoint, "
-                    "Qwen2.5-7B with AdamW state is 46 GB in bf16 and 91 GB in fp32, 30 min at 50 MB/s",
+                    "teardown) before it stops with an error naming the phase and the rank. The longest legitimate "
+                    "wait: the barrier while rank 0 writes a checkpoint (Qwen2.5-7B with AdamW state in fp32: "
+                    "91 GB, 30 min at 50 MB/s)",
     **memory.HELP,
 }
 
@@ -172,8 +172,7 @@ def parse_args(argv=None) -> TrainConfig:
                            choices=CHOICES.get(f.name),
                            help="; ".join(filter(None, (HELP.get(f.name), f"default: {f.default!r}"))))
     args = vars(p.parse_args(argv))
-    preset = PRESETS[args.pop("preset")] if args.get("preset") else {}
-    args.pop("preset", None)
+    preset = PRESETS.get(args.pop("preset"), {})
     given = {**preset, **{k: v for k, v in args.items() if v is not None}}
     focus_names, estimate_names = {f.name for f in FOCUS_FLAGS}, {f.name for f in ESTIMATE_FLAGS}
     try:
@@ -404,9 +403,8 @@ def build_optimizer(model: Qwen2, cfg: TrainConfig, rt: Runtime, total_steps: in
 
 
 def use_zero1(cfg: TrainConfig, rt: Runtime) -> bool:
-    if cfg.fsdp:
-        return False  # FSDP's AdamW state is sharded already (its parameters are)
-    return rt.distributed and rt.world > 1 if cfg.zero1 is None else cfg.zero1 and rt.distributed
+    """Never under FSDP: its AdamW state is sharded already (its parameters are)."""
+    return not cfg.fsdp and rt.distributed and (rt.world > 1 if cfg.zero1 is None else cfg.zero1)
 
 
 # -----------------------------------------------------------------------------
@@ -558,7 +556,7 @@ def train_loop(run: Run, start: int) -> tuple[float | None, float]:
         run.dependence = health.DependenceCheck(warmup=warmup_steps(cfg, plan.total_steps))
         for rec in checkpoint.read_log(out / "log.jsonl", start):  # after --resume: the steps before `start`
             run.dependence.update(rec["step"], rec["loss"], rec["inner_first"])
-    log_file = open(out / "log.jsonl", "a") if rt.main else None
+    log_file = open(out / "log.jsonl", "a", buffering=1) if rt.main else None  # line-buffered: flushed per step
     cache: dict = {}
     run.t_start, first_loss, last_loss = time.time(), None, float("nan")
     for step in range(start, plan.total_steps):
@@ -603,7 +601,6 @@ def log_step(st: StepStats, done: int, run: Run, lr: float, dt: float, eta: floa
         rec["warning"] = warning
         print(f"warning: {warning}", flush=True)
     log_file.write(json.dumps(rec) + "\n")
-    log_file.flush()
 
 
 # -----------------------------------------------------------------------------
@@ -735,11 +732,10 @@ def finish(run: Run, start: int, first_loss: float | None, last_loss: float):
             print(f"next: python eval.py demo --model {out}")
     if rt.distributed:
         with rt.phase("teardown (destroy_process_group)"):
-            # NOTE: DDP's C++ reducer holds the process group. Had it dropped the last reference (DDP
-            # freed after destroy_process_group), gloo's destructor would join its worker threads while
-            # holding the GIL, and a worker still freeing the last collective's tensors waits for the
-            # GIL: a deadlock at exit (1 run in ~30 on a loaded CPU). With DDP gone first, the last
-            # reference is destroy_process_group's, whose destructor releases the GIL.
+            # NOTE: DDP's C++ reducer holds the process group. Had it dropped the last reference (DDP freed
+            # after destroy_process_group), gloo's destructor would join its worker threads holding the GIL
+            # while a worker freeing the last collective's tensors waits for the GIL: a deadlock at exit
+            # (1 run in ~30 on a loaded CPU). With DDP gone first, destroy_process_group drops the last one.
             run.step_module = run.optimizer = None
             gc.collect()  # and now, should a reference cycle hold DDP
             dist.destroy_process_group()
