@@ -41,7 +41,7 @@ supervised positions (in chunks), and the inner loop keeps no graph to the base 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -399,7 +399,8 @@ def focusft_loss(model, batch, cfg: FocusConfig, generator: torch.Generator | No
     batch: input_ids (B, S) long, attention_mask (B, S) bool (True = real token), loss_mask (B, S)
     bool (True = supervised response token). generator: seeds the fast-weight init (bilevel only).
     by_layer: how the inner loop takes its gradients (see inner_loop; None: recompute the adapted
-    layers when model.gradient_checkpointing is on). Same numbers either way; it trades time for memory.
+    layers when model.gradient_checkpointing is on); False also keeps the outer pass's activations of
+    the adapted layers. Same numbers either way; it trades time for memory.
     Returns (loss, stats); loss.backward() gives the first-order FocuSFT gradient of the base
     weights. stats: {"inner_losses": (k,) tensor or None, "n_targets": N}. A micro-batch without
     response tokens gives loss 0 whose backward still reaches every parameter (with zeros).
@@ -415,11 +416,16 @@ def focusft_loss(model, batch, cfg: FocusConfig, generator: torch.Generator | No
     layers = adapted_layers(model, cfg)
     h_bottom = model.run_layers(h, rope, mask, 0, layers.start)  # once, with autograd, for both loops
     fast = init_fast_weights(model, cfg, generator)
+    by_layer = model.gradient_checkpointing if by_layer is None else by_layer
     fast, stats["inner_losses"] = inner_loop(model, h_bottom.detach(), rope, mask, sel, targets, fast, cfg,
                                           by_layer)
-    # First-order: the adapted fast weights are constants here (they carry no graph). With
-    # activation checkpointing on, every layer is checkpointed, the adapted ones included.
-    h = model.run_layers(h_bottom, rope, mask, layers.start, layers.stop, fast, cfg.fast_scale)
+    # First-order: the adapted fast weights are constants here (they carry no graph). With activation
+    # checkpointing on, the layers below are checkpointed; the adapted ones too if the inner loop
+    # recomputed them. If it kept their activations (by_layer False), it has just held about as much
+    # (under torch.func.grad, more) as the outer pass keeps of them: keeping those too leaves the
+    # step's peak (nearly) where it was and saves recomputing them (memory.py counts both).
+    with nullcontext() if by_layer else activation_checkpointing_off(model):
+        h = model.run_layers(h_bottom, rope, mask, layers.start, layers.stop, fast, cfg.fast_scale)
     return response_loss(model, h, sel, targets, cfg.loss_chunk), stats
 
 

@@ -96,6 +96,10 @@ class MemShape:
             self.inner_recompute = self.ckpt
 
     @property
+    def outer_keeps_adapted(self) -> bool:  # focusft_loss: checkpointing on, the inner loop kept its activations
+        return self.bilevel and self.ckpt and not self.inner_recompute
+
+    @property
     def grads_held(self) -> bool:  # gradients exist all step: DDP's buckets, or accumulated over micro-batches
         return self.ddp or self.accum > 1 or self.fsdp  # FSDP: their shards (1/world), see fsdp_rows
 
@@ -345,13 +349,21 @@ def step_input_rows(m: MemShape) -> list[tuple[str, float]]:
 
 
 def outer_forward_rows(m: MemShape, layers: int, output: bool) -> list[tuple[str, float]]:
-    """What the outer forward of `layers` layers keeps for its backward: each layer's input under
-    checkpointing (plus the stack's output if `output`), else every layer's activations."""
-    n = f"{layers} layer" + "s" * (layers != 1)
+    """What the outer forward of the lowest `layers` layers keeps for its backward: each layer's
+    input under checkpointing (plus the stack's output if `output`), else every layer's activations.
+    With checkpointing, the adapted layers keep their activations when the inner loop kept its own."""
+    def n(k):
+        return f"{k} layer" + "s" * (k != 1)
+
     if m.ckpt:
-        return [(f"outer forward: inputs of {n}, checkpointed" + (", and their output" if output else ""),
-                 (layers + output) * m.X)]
-    rows = [(f"outer forward: activations of {n} (no checkpointing)", layers * layer_saved(m) * m.T)]
+        kept = max(0, layers - (m.L - m.L_a)) if m.outer_keeps_adapted else 0
+        rows = [(f"outer forward: inputs of {n(layers - kept)}, checkpointed" + (", and their output" if output else ""),
+                 (layers - kept + output) * m.X)]
+        if kept:
+            rows.append((f"outer forward: activations of the {n(kept)} adapted (kept, as the inner loop's)",
+                         kept * layer_saved(m) * m.T))
+        return rows
+    rows = [(f"outer forward: activations of {n(layers)} (no checkpointing)", layers * layer_saved(m) * m.T)]
     if output:
         rows.append(("outer forward: their output", m.X))
     if m.bilevel and m.e < 4 and layers:  # focusft_loss keeps the token embeddings (fp32: layer 0 keeps them anyway)
@@ -447,7 +459,8 @@ def outer_layers_rows(m: MemShape, lowest: bool = False) -> list[tuple[str, floa
     (param.grad without DDP, on the first micro-batch: autograd makes them during the backward)."""
     where = "lowest" if lowest else "top"
     rows = outer_forward_rows(m, 1 if lowest else m.L, output=False) + step_input_rows(m) + fast_weight_rows(m)
-    if m.ckpt:
+    kept = m.outer_keeps_adapted and (not lowest or m.L_a == m.L)  # this layer's activations kept, not recomputed
+    if m.ckpt and not kept:
         rows.append((f"outer backward: the {where} layer recomputed, its backward", outer_layer_peak(m) * m.T))
     else:
         rows.append((f"outer backward: the {where} layer's gradients", (2 * m.I * m.e + m.D * m.e) * m.T))
@@ -468,7 +481,7 @@ def fast_weight_rows(m: MemShape) -> list[tuple[str, float]]:
     if not m.bilevel:
         return []
     rows = [("fast weights (fp32), constants of the outer pass", m.F)]
-    if m.e < 4 and not m.ckpt:
+    if m.e < 4 and (not m.ckpt or m.outer_keeps_adapted):
         rows.append(("fast weights cast to bf16, kept by the graph", m.F * m.e // 4))
     return rows
 

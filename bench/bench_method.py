@@ -27,12 +27,13 @@ Step variants: each step is zero_grad, loss, backward, torch.optim.AdamW step, i
 `focusft` uses torch.func.grad (the default), `focusft-vjp` FocusConfig(inner_grad="vjp");
 with checkpointing on both checkpoint every layer of the outer pass and recompute the adapted layers
 one at a time in the inner loop (focusft_loss's default, by_layer=None). `focusft-keep` (checkpointing
-on only) is `--inner-recompute off`: the inner loop keeps the adapted layers' activations while the
-outer pass checkpoints every layer; `focusft-recompute` (checkpointing off only) is `--inner-recompute
+on only) is `--inner-recompute off`: the inner loop keeps the adapted layers' activations, and so does
+the outer pass, which checkpoints the layers below; `focusft-recompute` (checkpointing off only) is `--inner-recompute
 on`. The summary names the variant `--inner-recompute auto` picks for this step on this machine (from
 memory.py's estimate, as train.py does) and its ratios to SFT. `focusft-prev` (checkpointing on only) is the code path before
 that: the inner loop differentiates the whole adapted stack in one transform (keeping all its
-activations) and the outer pass does not checkpoint the adapted layers. `naive-focusft` is
+activations) and the outer pass does not checkpoint the adapted layers (what `focusft-keep` does
+again, through focusft_loss). `naive-focusft` is
 tests/reference.py: every inner step reruns the whole model with full-vocabulary logits.
 
 Inner-loop variants: focusft.inner_loop alone (k = 2, fresh fast weights each call) on the same
@@ -361,10 +362,11 @@ def report_steps(cases, wall, cpu, peaks, args, frac, k):
     # In units of one forward of the whole model: an SFT step is 3 (forward, backward = 2 forwards),
     # 4 with checkpointing (+ the recompute). An inner step adds a forward and an activation-gradient
     # backward of the adapted layers, 2 * frac, and with checkpointing a recompute of them, + frac.
+    # With --inner-recompute off the outer pass keeps the adapted layers' activations: - frac.
     print()
     print(f"ideal FocuSFT / SFT from FLOPs: {(3 + 2 * k * frac) / 3:.2f}x without checkpointing, "
-          f"{(4 + 3 * k * frac) / 4:.2f}x with it, {(4 + 2 * k * frac) / 4:.2f}x with it and --inner-recompute off "
-          f"(previous code path: {(4 - frac + 2 * k * frac) / 4:.2f}x)")
+          f"{(4 + 3 * k * frac) / 4:.2f}x with it, {(4 - frac + 2 * k * frac) / 4:.2f}x with it and --inner-recompute "
+          f"off (as the previous code path)")
     keep = auto_keeps(args)
     for c in (False, True):
         pick = "focusft" if keep != c else "focusft-keep" if keep else "focusft-recompute"

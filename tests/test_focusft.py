@@ -499,7 +499,7 @@ def test_step_matches_naive_reference(method, clip_mode, ckpt):
 @pytest.mark.parametrize("method", list(focusft.METHODS))
 def test_inner_recompute_on_and_off_give_the_same_step(method, ckpt):
     """focusft_loss(by_layer=True) (the adapted layers recomputed one at a time, --inner-recompute on)
-    and by_layer=False (their activations kept, off), with the outer pass checkpointed or not: the
+    and by_layer=False (their activations kept, in the outer pass too: off), checkpointing on or off: the
     same loss, inner losses and base-weight gradients. Not bit for bit for the bilevel methods: the
     two paths sum the same terms in another order (one transform vs a chain of per-layer ones, the
     loss in one piece vs chunks of 5), so they agree to float noise (fp64 model, fp32 fast weights:

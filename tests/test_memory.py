@@ -103,6 +103,22 @@ def test_estimate_matches_measured_peak(case):
     assert_estimate_matches(*setup_case(*spec), ddp)
 
 
+# --inner-recompute off with checkpointing: the inner loop and the outer pass keep the adapted layers'
+# activations (the other cases follow checkpointing, auto's rule without a device)
+KEPT_CASES = [
+    ("base", "fp32", "focusft", True, "grad", True),
+    ("base", "bf16", "causal-bilevel", True, "vjp", False),
+    ("sparse", "bf16", "focusft", True, "vjp", True),  # the peak moves to the outer backward
+    ("tied", "bf16", "focusft", True, "grad", False),
+]
+
+
+@pytest.mark.parametrize("case", KEPT_CASES, ids=case_id)
+def test_estimate_matches_measured_peak_inner_kept(case):
+    *spec, ddp = case
+    assert_estimate_matches(*setup_case(*spec, inner_recompute="off"), ddp)
+
+
 @pytest.mark.parametrize("ckpt, recompute", [(True, "off"), (False, "on")], ids=["ckpt-off", "nockpt-on"])
 def test_estimate_follows_inner_recompute(ckpt, recompute):
     """--inner-recompute decides the inner loop's path, not --grad-checkpointing: the estimate follows it."""
