@@ -481,6 +481,7 @@ def test_stuck_rank_stops_the_run_and_resumes(tmp, unequal_data):
     assert launch.returncode != 0 and not is_running(ranks[1])
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, stderr[-5000:]
+    print(errors[0])
     assert re.fullmatch(rf"error: rank 0 waited more than {timeout} s \(--dist-timeout\) for the other ranks in "
                         rf"(train_step \d+|save step-\d+) \(.+\): a rank is stuck or gone\. Last checkpoint: {last}",
                         errors[0]), errors[0]
